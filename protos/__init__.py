@@ -1,0 +1,1 @@
+"""The wire contract (reward.proto) and its generated Python stubs (`make protos`)."""

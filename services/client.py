@@ -1,0 +1,367 @@
+"""Async client for reward services, and a command line for humans.
+
+The trainer scores every rollout chunk through :class:`RewardClient`: big batches are split into
+requests under the server's limits (whole groups kept together), the requests run concurrently, and
+UNAVAILABLE / RESOURCE_EXHAUSTED answers are retried with jittered exponential backoff (honouring the
+server's ``retry-after-ms`` hint) until the call's deadline. A score is only ever what a server
+returned: when retries run out the call raises :class:`RewardError`, it never fills in a value.
+
+    python -m services.client describe --endpoint localhost:50051
+    python -m services.client score --endpoint localhost:50051 --image a.png --image b.png --prompt "a cat"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from protos import reward_pb2, reward_pb2_grpc
+from services.core.codec import as_hwc_uint8, encode_file_bytes, encode_raw
+from services.core.packing import pack_groups
+
+RETRY_AFTER_KEY = "retry-after-ms"
+CLIENT_KEY = "x-e2po-client"
+TOKEN_ENV = "E2PO_REWARD_TOKEN"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class RewardError(Exception):
+    """A reward could not be obtained; carries the server's status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE / RESOURCE_EXHAUSTED; other codes fail at once."""
+
+    max_attempts: int = 10
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int, hint_s: float | None) -> float:
+        """Full-jitter exponential backoff, never shorter than the server's hint."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        delay = random.uniform(0.0, cap)
+        return max(delay, hint_s) if hint_s is not None else delay
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientTLS:
+    """Server CA to trust, and for mTLS the client's own certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: p.read_bytes() if p else None  # noqa: E731
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
+        )
+
+
+@dataclass(kw_only=True)
+class Scores:
+    """Scores for one call: output name → (B,) float64 array in input order, plus per-group outputs."""
+
+    values: dict[str, np.ndarray]
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    model: reward_pb2.ModelInfo = field(default_factory=reward_pb2.ModelInfo)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values()))) if self.values else 0
+
+
+ImageLike = np.ndarray | torch.Tensor
+
+
+class RewardClient:
+    """Client of one reward endpoint. Use as ``async with RewardClient(...) as client``."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+        max_chunk_bytes: int = 32 * 1024 * 1024,
+        max_concurrent_requests: int = 4,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = 300.0,
+        client_name: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self.max_chunk_bytes = max_chunk_bytes
+        # Without auth the server queues fairly by this name; with auth, by the token's name.
+        name = client_name or f"{socket.gethostname()}:{os.getpid()}"
+        self._metadata: tuple[tuple[str, str], ...] = ((CLIENT_KEY, name),)
+        if token:
+            self._metadata += (("authorization", f"Bearer {token}"),)
+        self._semaphore = asyncio.Semaphore(max_concurrent_requests)
+        options = [
+            ("grpc.max_send_message_length", max_chunk_bytes + 4 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
+        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        self._info: reward_pb2.ModelInfo | None = None
+
+    async def __aenter__(self) -> RewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def describe(self, *, timeout_s: float | None = None) -> reward_pb2.ModelInfo:
+        """The served model's identity and limits (cached after the first success)."""
+        deadline = _deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        info = await self._call(self._stub.Describe, reward_pb2.DescribeRequest(), deadline)
+        self._info = info
+        return info
+
+    async def score(
+        self,
+        images: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        *,
+        metadata: Sequence[Mapping[str, Any] | str | None] | None = None,
+        group_ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Scores:
+        """Score images (uint8 or float in [0, 1]; CHW or HWC; a batch tensor or a list).
+
+        ``prompts`` is one prompt per image, or a single string for all of them.
+        """
+        deadline = _deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        samples = await asyncio.to_thread(_build_samples, images, prompts, metadata, group_ids)
+        info = self._info or await self._call(self._stub.Describe, reward_pb2.DescribeRequest(), deadline)
+        self._info = info
+        max_bytes = min(self.max_chunk_bytes, int(info.max_request_bytes * 0.9) or self.max_chunk_bytes)
+        parts = pack_groups(
+            [s.group_id for s in samples],
+            max_count=info.max_images_per_request or len(samples),
+            weights=[s.ByteSize() for s in samples],
+            max_weight=max_bytes,
+        )
+        responses = await asyncio.gather(
+            *(self._score_part([samples[i] for i in part], deadline) for part in parts)
+        )
+        return _merge(parts, responses, len(samples))
+
+    async def _score_part(
+        self, samples: list[reward_pb2.Sample], deadline: float | None
+    ) -> reward_pb2.ScoreResponse:
+        async with self._semaphore:
+            return await self._call(self._stub.Score, reward_pb2.ScoreRequest(samples=samples), deadline)
+
+    async def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
+        """One RPC with retries on UNAVAILABLE / RESOURCE_EXHAUSTED until attempts or deadline run out."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise RewardError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from {self.endpoint} in time"
+                )
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                attempt += 1
+                if code not in RETRYABLE or attempt >= self.retry.max_attempts:
+                    raise RewardError(code, err.details() or "") from None
+                delay = self.retry.backoff(attempt - 1, _retry_hint(err))
+                if remaining is not None and delay >= remaining:
+                    raise RewardError(code, f"{err.details()} (deadline reached while retrying)") from None
+                await asyncio.sleep(delay)
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+def _retry_hint(err: grpc.aio.AioRpcError) -> float | None:
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return None
+    return None
+
+
+def _build_samples(
+    images: Sequence[ImageLike] | ImageLike,
+    prompts: Sequence[str] | str,
+    metadata: Sequence[Mapping[str, Any] | str | None] | None,
+    group_ids: Sequence[str] | None,
+) -> list[reward_pb2.Sample]:
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        raise ValueError("pass a batch (B, ...) or a list of images, not a single 3-D image")
+    count = len(images)
+    if count == 0:
+        raise ValueError("no images to score")
+    if isinstance(prompts, str):
+        prompts = [prompts] * count
+    for name, values in (("prompts", prompts), ("metadata", metadata), ("group_ids", group_ids)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{name} has {len(values)} entries for {count} images")
+    samples = []
+    for i in range(count):
+        meta = metadata[i] if metadata is not None else None
+        samples.append(
+            reward_pb2.Sample(
+                image=encode_raw(as_hwc_uint8(images[i])),
+                prompt=prompts[i],
+                metadata_json=meta
+                if isinstance(meta, str)
+                else (json.dumps(meta) if meta is not None else ""),
+                group_id=group_ids[i] if group_ids is not None else "",
+            )
+        )
+    return samples
+
+
+def _merge(parts: list[list[int]], responses: Sequence[reward_pb2.ScoreResponse], count: int) -> Scores:
+    """Reassemble per-request answers in input order; all must come from one and the same model."""
+    identities = {(r.model.name, r.model.version, r.model.checkpoint_sha256) for r in responses}
+    if len(identities) != 1:
+        raise RewardError(
+            grpc.StatusCode.ABORTED, f"parts of one call were scored by different models: {identities}"
+        )
+    names = list(responses[0].model.outputs)
+    values = {name: np.full(count, np.nan) for name in names}
+    groups: dict[str, dict[str, float]] = {}
+    for part, response in zip(parts, responses, strict=True):
+        if len(response.scores) != len(part):
+            raise RewardError(
+                grpc.StatusCode.INTERNAL,
+                f"server answered {len(response.scores)} scores for {len(part)} samples",
+            )
+        for index, sample_scores in zip(part, response.scores, strict=True):
+            missing = set(names) - set(sample_scores.values)
+            if missing:
+                raise RewardError(grpc.StatusCode.INTERNAL, f"server omitted outputs {sorted(missing)}")
+            for name in names:
+                values[name][index] = sample_scores.values[name]
+        for group in response.groups:
+            groups[group.group_id] = dict(group.values)
+    return Scores(values=values, groups=groups, model=responses[0].model)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _model_json(info: reward_pb2.ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "outputs": list(info.outputs),
+        "group_outputs": list(info.group_outputs),
+        "preferred_size": [info.preferred_height, info.preferred_width],
+        "max_images_per_request": info.max_images_per_request,
+        "max_pixels_per_image": info.max_pixels_per_image,
+        "max_request_bytes": info.max_request_bytes,
+        "requires_metadata": info.requires_metadata,
+    }
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.client", description="Talk to a reward service.")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", required=True, help="HOST:PORT")
+    common.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default: ${TOKEN_ENV})"
+    )
+    common.add_argument("--tls-ca", type=Path, help="CA that signed the server certificate (enables TLS)")
+    common.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
+    common.add_argument("--tls-key", type=Path, help="client key for mTLS")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    sub.add_parser("describe", parents=[common], help="print the model's identity and limits")
+    score = sub.add_parser("score", parents=[common], help="score image files")
+    score.add_argument("--image", action="append", required=True, type=Path, help="PNG or JPEG file (repeat)")
+    score.add_argument("--prompt", action="append", required=True, help="one prompt, or one per image")
+    score.add_argument("--metadata", help="metadata JSON object for every image (e.g. GenEval metadata)")
+    score.add_argument("--group-id", default="", help="put all images in one group (for group outputs)")
+    return p.parse_args(argv)
+
+
+async def _run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    async with RewardClient(args.endpoint, token=args.token, tls=tls, timeout_s=args.timeout) as client:
+        if args.command == "describe":
+            return _model_json(await client.describe())
+        if len(args.prompt) not in (1, len(args.image)):
+            raise ValueError(
+                f"give one --prompt or one per image ({len(args.image)}), got {len(args.prompt)}"
+            )
+        if args.metadata is not None:
+            json.loads(args.metadata)  # fail here, not on the server, for a typo
+        prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
+        samples = [encode_file_bytes(path.read_bytes()) for path in args.image]
+        request = reward_pb2.ScoreRequest(
+            samples=[
+                reward_pb2.Sample(
+                    image=img, prompt=prompt, metadata_json=args.metadata or "", group_id=args.group_id
+                )
+                for img, prompt in zip(samples, prompts, strict=True)
+            ]
+        )
+        response = await client._call(client._stub.Score, request, _deadline(args.timeout))
+        return {
+            "model": _model_json(response.model),
+            "scores": [
+                {"image": str(path), **dict(s.values)}
+                for path, s in zip(args.image, response.scores, strict=True)
+            ],
+            "groups": {g.group_id: dict(g.values) for g in response.groups},
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        result = asyncio.run(_run_cli(args))
+    except RewardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

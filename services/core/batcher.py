@@ -1,0 +1,330 @@
+"""Fair dynamic batcher: merges work from many clients into model batches.
+
+Knows nothing about gRPC. Each client (a team's token, or a connection) has its own FIFO queue. A batch
+is flushed when ``max_batch_images`` are waiting or the oldest waiting job is ``max_delay_ms`` old, and
+it is filled by always taking the next job from the backlogged client that has been served the fewest
+images so far (start-time fair queueing, measured in images). A trainer sending 256-image requests
+therefore cannot starve an evaluation job sending 4 images at a time: both get an equal share of each
+batch while both are backlogged.
+
+A client that becomes backlogged starts at the smallest count among the clients already waiting, so
+idle time cannot be banked into a later burst. Queues are bounded per client and in total; a job whose
+caller went away (cancelled) or whose deadline passed is dropped before it reaches the model. The model
+runs in a worker thread so the event loop keeps decoding and queueing the next requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatcherConfig:
+    """Batching and admission limits of one served model."""
+
+    max_batch_images: int = 32
+    """Flush as soon as this many images wait; a batch never exceeds it unless one job alone does."""
+    max_delay_ms: float = 5.0
+    """Flush when the oldest waiting job has waited this long, even if the batch is small."""
+    max_queued_images_per_client: int = 1024
+    """Per-client bound; past it the client is told RESOURCE_EXHAUSTED (other clients are unaffected)."""
+    max_queued_images: int = 4096
+    """Bound over all clients together (memory of decoded images waiting)."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_images < 1:
+            raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if not 1 <= self.max_queued_images_per_client <= self.max_queued_images:
+            raise ValueError(
+                "need 1 <= max_queued_images_per_client <= max_queued_images, got "
+                f"{self.max_queued_images_per_client} and {self.max_queued_images}"
+            )
+
+
+class QueueFull(Exception):
+    """The client's (or the server's) queue cannot take this work now; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpired(Exception):
+    """The job's deadline passed while it waited; it was never run."""
+
+
+class BatcherClosed(Exception):
+    """The batcher is draining or stopped and accepts no new work."""
+
+
+class BatcherObserver(Protocol):
+    """Hooks for metrics; called on the event loop."""
+
+    def batch_done(self, num_images: int, num_jobs: int, seconds: float) -> None: ...
+
+    def queue_depth(self, client: str, num_images: int) -> None: ...
+
+    def dropped(self, reason: str, num_images: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Job(Generic[T, R]):
+    client: str
+    payload: T
+    size: int
+    deadline: float | None
+    enqueued: float
+    future: asyncio.Future[R] = field(repr=False)
+
+
+class FairBatcher(Generic[T, R]):
+    """Per-client queues drained fairly (in images) into batches run by ``run_batch`` in a thread.
+
+    ``run_batch(payloads) -> results`` receives the payloads of one batch and returns one result per
+    payload, in order; if it raises, every job of that batch fails with that exception.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        config: BatcherConfig | None = None,
+        *,
+        executor: Executor | None = None,
+        observer: BatcherObserver | None = None,
+    ) -> None:
+        self.config = config or BatcherConfig()
+        self._run_batch = run_batch
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._observer = observer
+        self._queues: dict[str, collections.deque[_Job[T, R]]] = {}
+        self._served: dict[str, int] = {}  # images served while backlogged (fair-queueing clock)
+        self._queued_images: dict[str, int] = {}
+        self._total_queued = 0
+        self._arrival = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="fair-batcher")
+
+    async def submit(
+        self, client: str, jobs: Sequence[tuple[T, int]], *, timeout_s: float | None = None
+    ) -> list[R]:
+        """Queue ``jobs`` (payload, number of images) for ``client`` atomically; return their results.
+
+        Either all jobs are admitted or none is (QueueFull), so a request is never half-queued.
+        Cancelling the awaiting task removes the client's still-queued jobs.
+        """
+        if self._closing or self._task is None:
+            raise BatcherClosed("the server is draining and accepts no new work")
+        if not jobs:
+            return []
+        total = sum(size for _, size in jobs)
+        self._admit(client, total)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = None if timeout_s is None else now + timeout_s
+        queue = self._queues.get(client)
+        if not queue:
+            # A newly backlogged client starts level with the least-served waiting client, so idle
+            # time is never banked into a later burst.
+            waiting = [self._served[c] for c, q in self._queues.items() if q]
+            queue = self._queues[client] = collections.deque()
+            self._served[client] = min(waiting, default=0)
+        queued = [_Job(client, payload, size, deadline, now, loop.create_future()) for payload, size in jobs]
+        queue.extend(queued)
+        self._queued_images[client] = self._queued_images.get(client, 0) + total
+        self._total_queued += total
+        self._report_depth(client)
+        self._arrival.set()
+        try:
+            return list(await asyncio.gather(*(job.future for job in queued)))
+        except BaseException:
+            # The caller is gone or one job failed: pull whatever of ours is still waiting.
+            for job in queued:
+                if self._remove(job) or not job.future.done():
+                    job.future.cancel()
+            raise
+
+    def check_admission(self, client: str, num_images: int) -> None:
+        """Raise QueueFull (or ValueError if it can never fit) without queueing anything."""
+        self._admit(client, num_images)
+
+    def queued_images(self, client: str | None = None) -> int:
+        return self._total_queued if client is None else self._queued_images.get(client, 0)
+
+    async def close(self) -> None:
+        """Stop accepting work, finish everything already queued, then stop the worker."""
+        self._closing = True
+        self._arrival.set()
+        if self._task is not None:
+            await self._task
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def _admit(self, client: str, num_images: int) -> None:
+        cfg = self.config
+        if num_images > cfg.max_queued_images_per_client:
+            raise ValueError(
+                f"request of {num_images} images can never fit the per-client queue of "
+                f"{cfg.max_queued_images_per_client}; split it"
+            )
+        mine = self._queued_images.get(client, 0)
+        if mine + num_images > cfg.max_queued_images_per_client:
+            raise QueueFull(
+                f"client queue full: {mine} images waiting + {num_images} requested > "
+                f"{cfg.max_queued_images_per_client}",
+                self._retry_after(mine),
+            )
+        if self._total_queued + num_images > cfg.max_queued_images:
+            raise QueueFull(
+                f"server queue full: {self._total_queued} images waiting + {num_images} requested > "
+                f"{cfg.max_queued_images}",
+                self._retry_after(self._total_queued),
+            )
+
+    def _retry_after(self, images_ahead: int) -> float:
+        """Time for the model to work through ``images_ahead`` images at its measured speed."""
+        if not self._images_per_s:
+            return 0.1
+        return min(max(images_ahead / self._images_per_s, 0.01), 30.0)
+
+    # -- dispatch loop -----------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._total_queued == 0:
+                if self._closing:
+                    return
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            await self._wait_for_flush(loop)
+            batch = self._take_batch(loop.time())
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _wait_for_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Return once a full batch waits, the oldest job is max_delay_ms old, or we are draining."""
+        delay = self.config.max_delay_ms / 1000.0
+        while self._total_queued < self.config.max_batch_images and not self._closing:
+            oldest = min((q[0].enqueued for q in self._queues.values() if q), default=None)
+            if oldest is None:
+                return
+            remaining = oldest + delay - loop.time()
+            if remaining <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self, now: float) -> list[_Job[T, R]]:
+        """Fill one batch, least-served backlogged client first, dropping dead jobs on the way."""
+        batch: list[_Job[T, R]] = []
+        room = self.config.max_batch_images
+        while True:
+            best: str | None = None
+            for client, queue in self._queues.items():
+                self._drop_dead_heads(client, queue, now)
+                if not queue:
+                    continue
+                head = queue[0]
+                fits = head.size <= room or not batch  # an oversized job runs alone
+                if fits and (best is None or self._served[client] < self._served[best]):
+                    best = client
+            if best is None:
+                break
+            job = self._queues[best][0]
+            self._remove(job)
+            self._served[best] = self._served.get(best, 0) + job.size
+            batch.append(job)
+            room -= job.size
+            if room <= 0:
+                break
+        self._forget_idle_clients()
+        return batch
+
+    def _drop_dead_heads(self, client: str, queue: collections.deque[_Job[T, R]], now: float) -> None:
+        while queue:
+            head = queue[0]
+            if head.future.done():  # cancelled by its caller
+                self._remove(head)
+                self._notify_drop("cancelled", head.size)
+            elif head.deadline is not None and now >= head.deadline:
+                self._remove(head)
+                head.future.set_exception(DeadlineExpired("deadline passed while the job was queued"))
+                self._notify_drop("deadline", head.size)
+            else:
+                return
+
+    def _forget_idle_clients(self) -> None:
+        for client in [c for c, q in self._queues.items() if not q]:
+            del self._queues[client]
+            self._served.pop(client, None)
+            self._queued_images.pop(client, None)
+
+    def _remove(self, job: _Job[T, R]) -> bool:
+        queue = self._queues.get(job.client)
+        if queue is None:
+            return False
+        try:
+            queue.remove(job)
+        except ValueError:
+            return False
+        self._queued_images[job.client] -= job.size
+        self._total_queued -= job.size
+        self._report_depth(job.client)
+        return True
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[T, R]]) -> None:
+        num_images = sum(job.size for job in batch)
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, [j.payload for j in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} jobs")
+        except Exception as exc:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            seconds = time.perf_counter() - started
+            if self._observer is not None:
+                self._observer.batch_done(num_images, len(batch), seconds)
+        rate = num_images / max(seconds, 1e-6)
+        self._images_per_s = rate if self._images_per_s is None else 0.8 * self._images_per_s + 0.2 * rate
+        for job, result in zip(batch, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    # -- observation -------------------------------------------------------------------------------
+
+    def _report_depth(self, client: str) -> None:
+        if self._observer is not None:
+            self._observer.queue_depth(client, self._queued_images.get(client, 0))
+
+    def _notify_drop(self, reason: str, num_images: int) -> None:
+        if self._observer is not None:
+            self._observer.dropped(reason, num_images)

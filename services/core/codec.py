@@ -1,0 +1,141 @@
+"""Image encoding on the wire, with the limits that keep a shared server safe.
+
+Raw uint8 HWC RGB is the primary encoding: lossless and free to decode. PNG and JPEG are accepted for
+humans and other tools; their declared size is checked *before* decompression so that a small file
+claiming a huge canvas (a decompression bomb) is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from protos import reward_pb2
+
+RAW = reward_pb2.IMAGE_ENCODING_RAW_RGB8
+PNG = reward_pb2.IMAGE_ENCODING_PNG
+JPEG = reward_pb2.IMAGE_ENCODING_JPEG
+_PIL_FORMAT = {PNG: "PNG", JPEG: "JPEG"}
+
+
+class ImageError(ValueError):
+    """An image on the wire is malformed or over a limit; the message says which and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageLimits:
+    """Per-image limits enforced before any pixel is allocated."""
+
+    max_pixels: int = 4096 * 4096
+    """Largest accepted height·width (16.8 MP: ample for 512²–1024² generations)."""
+    max_side: int = 16384
+    """Largest accepted height or width."""
+
+
+def decode_image(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+    """Decode one wire image into an (H, W, 3) uint8 array, or raise ImageError."""
+    if image.encoding == RAW:
+        return _decode_raw(image, limits)
+    if image.encoding in _PIL_FORMAT:
+        return _decode_compressed(image, limits)
+    raise ImageError(f"unknown image encoding {image.encoding}; expected RAW_RGB8, PNG or JPEG")
+
+
+def _check_size(height: int, width: int, limits: ImageLimits) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image size must be positive, got height={height} width={width}")
+    if height > limits.max_side or width > limits.max_side:
+        raise ImageError(f"image side over the limit: {height}x{width}, max side {limits.max_side}")
+    if height * width > limits.max_pixels:
+        raise ImageError(
+            f"image has {height * width} pixels ({height}x{width}), limit is {limits.max_pixels}"
+        )
+
+
+def _decode_raw(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+    height, width = image.height, image.width
+    _check_size(height, width, limits)
+    expected = height * width * 3
+    if len(image.data) != expected:
+        raise ImageError(
+            f"raw RGB8 image has {len(image.data)} bytes, "
+            f"expected height·width·3 = {height}·{width}·3 = {expected}"
+        )
+    return np.frombuffer(image.data, dtype=np.uint8).reshape(height, width, 3)
+
+
+def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+    fmt = _PIL_FORMAT[image.encoding]
+    if not image.data:
+        raise ImageError(f"{fmt} image has no data")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check only warns below 2x its limit; ours is explicit and stricter.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            pil = PILImage.open(io.BytesIO(image.data), formats=[fmt])
+            width, height = pil.size
+            _check_size(height, width, limits)
+            if image.height and image.width and (image.height, image.width) != (height, width):
+                raise ImageError(
+                    f"{fmt} image is {height}x{width} but the request declares {image.height}x{image.width}"
+                )
+            pil.load()
+            array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except PILImage.DecompressionBombError as exc:
+        raise ImageError(f"{fmt} image refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot decode {fmt} image: {exc}") from None
+    return array
+
+
+def to_chw_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array → (3, H, W) uint8 tensor without copying pixel data when possible."""
+    if not array.flags.writeable:
+        array = array.copy()  # torch.from_numpy warns on read-only buffers (frombuffer on bytes)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def encode_raw(array: np.ndarray) -> reward_pb2.Image:
+    """(H, W, 3) uint8 array → raw wire image."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {array.shape} dtype {array.dtype}")
+    height, width, _ = array.shape
+    return reward_pb2.Image(
+        encoding=RAW, height=height, width=width, data=np.ascontiguousarray(array).tobytes()
+    )
+
+
+def encode_file_bytes(data: bytes) -> reward_pb2.Image:
+    """PNG or JPEG file bytes → wire image (the server decodes and checks it)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return reward_pb2.Image(encoding=PNG, data=data)
+    if data.startswith(b"\xff\xd8"):
+        return reward_pb2.Image(encoding=JPEG, data=data)
+    raise ValueError("image file is neither PNG nor JPEG")
+
+
+def as_hwc_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Accept (3, H, W) / (H, W, 3), uint8 or float in [0, 1]; return (H, W, 3) uint8.
+
+    Floats are quantised with round(x·255).clamp(0, 255), as the reward models' reference code does.
+    """
+    if isinstance(image, torch.Tensor):
+        if image.is_floating_point():
+            image = (image.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+        image = image.detach().cpu().numpy()
+    elif np.issubdtype(image.dtype, np.floating):
+        image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a 3-D uint8 or float image, got shape {image.shape} dtype {image.dtype}")
+    if image.shape[0] == 3 and image.shape[2] != 3:
+        image = np.transpose(image, (1, 2, 0))
+    if image.shape[2] != 3:
+        raise ValueError(f"expected 3 colour channels, got shape {image.shape}")
+    return np.ascontiguousarray(image)

@@ -1,0 +1,91 @@
+"""Prometheus metrics of one reward server, exported on their own HTTP port.
+
+Labels carry the client *name* (from the token file) or "anonymous" — never a token, a prompt or a
+peer address — so cardinality stays bounded by the number of teams.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    """Counters and histograms for requests, images, batches, queues and errors."""
+
+    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.model = model
+        labels = {"registry": self.registry}
+        self.requests = Counter(
+            "reward_requests", "Score RPCs by client and status code", ["model", "client", "code"], **labels
+        )
+        self.images = Counter("reward_images", "Images scored", ["model", "client"], **labels)
+        self.latency = Histogram(
+            "reward_request_latency_seconds",
+            "Score RPC latency, receive to reply",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            **labels,
+        )
+        self.batch_images = Histogram(
+            "reward_batch_images",
+            "Images per executed model batch",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            **labels,
+        )
+        self.batch_jobs = Histogram(
+            "reward_batch_jobs",
+            "Jobs (request parts) merged per model batch",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            **labels,
+        )
+        self.batch_seconds = Histogram(
+            "reward_batch_seconds", "Model time per batch", ["model"], buckets=_LATENCY_BUCKETS, **labels
+        )
+        self.queue_images = Gauge(
+            "reward_queue_images", "Images waiting, per client", ["model", "client"], **labels
+        )
+        self.dropped_images = Counter(
+            "reward_dropped_images", "Queued images dropped before the model", ["model", "reason"], **labels
+        )
+        self.errors = Counter(
+            "reward_errors", "Failed Score RPCs by status code", ["model", "code"], **labels
+        )
+
+    # BatcherObserver
+    def batch_done(self, num_images: int, num_jobs: int, seconds: float) -> None:
+        self.batch_images.labels(self.model).observe(num_images)
+        self.batch_jobs.labels(self.model).observe(num_jobs)
+        self.batch_seconds.labels(self.model).observe(seconds)
+
+    def queue_depth(self, client: str, num_images: int) -> None:
+        self.queue_images.labels(self.model, client).set(num_images)
+
+    def dropped(self, reason: str, num_images: int) -> None:
+        self.dropped_images.labels(self.model, reason).inc(num_images)
+
+    # servicer
+    def request_done(self, client: str, code: str, num_images: int, seconds: float) -> None:
+        self.requests.labels(self.model, client, code).inc()
+        self.latency.labels(self.model).observe(seconds)
+        if code == "OK":
+            self.images.labels(self.model, client).inc(num_images)
+        else:
+            self.errors.labels(self.model, code).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint in a daemon thread; return its port."""
+        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._httpd = httpd
+        return int(httpd.server_port)
+
+    def shutdown(self) -> None:
+        httpd = getattr(self, "_httpd", None)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()

@@ -1,0 +1,117 @@
+"""Serve one reward model over gRPC.
+
+    python -m services.serve compressibility --port 0
+    python -m services.serve pickscore --checkpoint /models/PickScore_v1 --device cuda --host 0.0.0.0 \\
+        --token-file /etc/reward/tokens --metrics-port 9464
+
+Prints ``listening on HOST:PORT`` once the model is loaded and health reports SERVING; SIGTERM drains
+in-flight work and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from services.core.batcher import BatcherConfig
+from services.core.codec import ImageLimits
+from services.core.server import RewardServer, ServerConfig, TLSConfig
+from services.core.servicer import RequestLimits
+from services.registry import SCORERS, build_scorer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m services.serve", description="Serve one reward model over gRPC."
+    )
+    p.add_argument("scorer", choices=sorted(SCORERS))
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--tiny", action="store_true", help="tiny model built offline from a config (tests, demo)")
+    p.add_argument("--checkpoint", help="hub id or local path of the real weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--token-file", type=Path, help="'name:token[:models]' lines; enables bearer auth")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
+    d_batch, d_req, d_img = BatcherConfig(), RequestLimits(), ImageLimits()
+    p.add_argument("--max-batch-images", type=int, default=d_batch.max_batch_images)
+    p.add_argument("--max-delay-ms", type=float, default=d_batch.max_delay_ms)
+    p.add_argument("--max-queued-images", type=int, default=d_batch.max_queued_images)
+    p.add_argument("--max-queued-images-per-client", type=int, default=d_batch.max_queued_images_per_client)
+    p.add_argument("--max-images-per-request", type=int, default=d_req.max_images_per_request)
+    p.add_argument("--max-request-bytes", type=int, default=d_req.max_request_bytes)
+    p.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
+    p.add_argument("--drain-delay-s", type=float, default=0.0)
+    p.add_argument("--drain-grace-s", type=float, default=30.0)
+    p.add_argument("--max-connection-age-s", type=float)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        p.error("--tls-client-ca needs --tls-cert/--tls-key")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    tls = None
+    if args.tls_cert is not None:
+        tls = TLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        batcher=BatcherConfig(
+            max_batch_images=args.max_batch_images,
+            max_delay_ms=args.max_delay_ms,
+            max_queued_images=args.max_queued_images,
+            max_queued_images_per_client=args.max_queued_images_per_client,
+        ),
+        limits=RequestLimits(
+            max_images_per_request=args.max_images_per_request,
+            max_request_bytes=args.max_request_bytes,
+            image=ImageLimits(max_pixels=args.max_pixels),
+        ),
+        token_file=args.token_file,
+        tls=tls,
+        metrics_port=args.metrics_port,
+        drain_delay_s=args.drain_delay_s,
+        drain_grace_s=args.drain_grace_s,
+        max_connection_age_s=args.max_connection_age_s,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    server = RewardServer(
+        lambda: build_scorer(args.scorer, checkpoint=args.checkpoint, tiny=args.tiny, device=args.device),
+        args.scorer,
+        config,
+    )
+    port = await server.start()
+    if server.metrics_port is not None:
+        print(f"metrics on {config.host}:{server.metrics_port}", flush=True)
+    print(f"listening on {config.host}:{port}", flush=True)
+    await server.run_until_signal()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config_from_args(args)  # validate limits before binding anything
+        asyncio.run(serve(args))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

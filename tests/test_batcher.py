@@ -1,0 +1,267 @@
+"""The fair batcher on its own: asyncio only, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from services.core.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, FairBatcher, QueueFull
+from services.core.packing import pack_groups
+
+
+class Model:
+    """run_batch that records (client, payload) per batch and can be held closed."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.seconds = seconds
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: list[str]) -> list[str]:
+        self.gate.wait(10)
+        if self.seconds:
+            time.sleep(self.seconds)
+        self.batches.append(list(payloads))
+        return [p.upper() for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_merges_requests_of_several_clients_into_one_batch() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=8, max_delay_ms=50))
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit("a", [("a1", 2)]),
+            batcher.submit("b", [("b1", 3)]),
+            batcher.submit("c", [("c1", 1)]),
+        )
+        assert results == [["A1"], ["B1"], ["C1"]]
+        assert len(model.batches) == 1 and sorted(model.batches[0]) == ["a1", "b1", "c1"]
+        await batcher.close()
+
+    run(main())
+
+
+def test_flushes_on_size_without_waiting_for_the_delay() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=4, max_delay_ms=10_000))
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit("a", [("x", 2), ("y", 2)])
+        assert time.perf_counter() - started < 5.0  # far below the 10 s delay
+        await batcher.close()
+
+    run(main())
+
+
+def test_flushes_a_small_batch_after_max_delay() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=64, max_delay_ms=200))
+        batcher.start()
+        started = time.perf_counter()
+        assert await batcher.submit("a", [("x", 1)]) == ["X"]
+        elapsed = time.perf_counter() - started
+        assert 0.18 <= elapsed < 5.0
+        await batcher.close()
+
+    run(main())
+
+
+def test_round_robin_in_images_between_a_flooder_and_a_small_client() -> None:
+    """While both are backlogged, each batch is shared equally in images."""
+
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()  # hold the model so both queues fill before the first batch
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=8, max_delay_ms=0))
+        batcher.start()
+        flood = asyncio.gather(*(batcher.submit("flood", [(f"F{i}", 4)]) for i in range(10)))
+        await asyncio.sleep(0.05)  # the first flood job is now in the (held) model
+        small = asyncio.gather(*(batcher.submit("small", [(f"s{i}", 1)]) for i in range(8)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(flood, small)
+        # After the first batch (flood only), each batch holds 4 flood images and 4 small ones
+        # until the small client's 8 images are done: it is never starved behind 36 flood images.
+        small_batches = [b for b in model.batches if any(p.startswith("s") for p in b)]
+        assert len(small_batches) == 2, model.batches
+        for batch in small_batches:
+            assert sum(4 for p in batch if p.startswith("F")) == 4
+            assert sum(1 for p in batch if p.startswith("s")) == 4
+        last_small = max(i for i, b in enumerate(model.batches) if b in small_batches)
+        assert last_small <= 2
+        await batcher.close()
+
+    run(main())
+
+
+def test_idle_client_cannot_bank_credit() -> None:
+    """A client served long ago starts level with the waiting clients, not far behind them."""
+
+    async def main() -> None:
+        model = Model()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=2, max_delay_ms=0))
+        batcher.start()
+        await batcher.submit("a", [("a0", 1)])
+        model.gate.clear()
+        busy = asyncio.gather(*(batcher.submit("b", [(f"b{i}", 1)]) for i in range(6)))
+        await asyncio.sleep(0.05)
+        late = asyncio.gather(*(batcher.submit("a", [(f"a{i}", 1)]) for i in range(1, 5)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(busy, late)
+        # After a's arrival, batches alternate one a / one b rather than draining a first.
+        after = [b for b in model.batches[1:] if any(p.startswith("a") for p in b)]
+        assert all(sum(p.startswith("b") for p in b) >= 1 for b in after[:-1]), model.batches
+        await batcher.close()
+
+    run(main())
+
+
+def test_cancelled_job_never_reaches_the_model() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=1, max_delay_ms=0))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("a", [("first", 1)]))
+        await asyncio.sleep(0.05)  # "first" is in the model, held
+        doomed = asyncio.ensure_future(batcher.submit("a", [("doomed", 1)]))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_images() == 1
+        doomed.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.queued_images() == 0
+        model.gate.set()
+        assert await first == ["FIRST"]
+        assert await batcher.submit("a", [("after", 1)]) == ["AFTER"]
+        assert all("doomed" not in b for b in model.batches)
+        await batcher.close()
+
+    run(main())
+
+
+def test_expired_job_is_dropped_before_the_model() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=1, max_delay_ms=0))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("a", [("first", 1)]))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit("b", [("late", 1)], timeout_s=0.05))
+        await asyncio.sleep(0.2)
+        model.gate.set()
+        await first
+        with pytest.raises(DeadlineExpired):
+            await late
+        assert all("late" not in b for b in model.batches)
+        await batcher.close()
+
+    run(main())
+
+
+def test_queue_bounds_refuse_with_retry_hint_and_spare_other_clients() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2, max_delay_ms=0, max_queued_images_per_client=4, max_queued_images=6
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        held = asyncio.ensure_future(batcher.submit("a", [("a0", 2)]))
+        await asyncio.sleep(0.05)  # in the model
+        queued = asyncio.ensure_future(batcher.submit("a", [("a1", 2), ("a2", 2)]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit("a", [("a3", 1)])
+        assert info.value.retry_after_s > 0
+        other = asyncio.ensure_future(batcher.submit("b", [("b0", 2)]))  # b still has room
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="server queue full"):
+            await batcher.submit("c", [("c0", 1)])  # 6 images waiting in total
+        with pytest.raises(ValueError, match="can never fit"):
+            await batcher.submit("d", [("d0", 5)])
+        model.gate.set()
+        await asyncio.gather(held, queued, other)
+        await batcher.close()
+
+    run(main())
+
+
+def test_all_or_nothing_admission_and_oversized_job_runs_alone() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=2, max_delay_ms=0))
+        batcher.start()
+        assert await batcher.submit("a", [("big", 5)]) == ["BIG"]
+        assert model.batches == [["big"]]
+        await batcher.close()
+
+    run(main())
+
+
+def test_close_finishes_queued_work_then_refuses() -> None:
+    async def main() -> None:
+        model = Model(seconds=0.01)
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=1, max_delay_ms=0))
+        batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit("a", [(f"x{i}", 1)])) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert [await p for p in pending] == [[f"X{i}"] for i in range(5)]
+        with pytest.raises(BatcherClosed):
+            await batcher.submit("a", [("y", 1)])
+
+    run(main())
+
+
+def test_model_failure_fails_that_batch_only() -> None:
+    async def main() -> None:
+        calls = []
+
+        def flaky(payloads: list[str]) -> list[str]:
+            calls.append(payloads)
+            if "boom" in payloads:
+                raise RuntimeError("model exploded")
+            return payloads
+
+        batcher = FairBatcher(flaky, BatcherConfig(max_batch_images=1, max_delay_ms=0))
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit("a", [("boom", 1)])
+        assert await batcher.submit("a", [("fine", 1)]) == ["fine"]
+        await batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("group_ids", "max_count", "expected"),
+    [
+        (["", "", "", ""], 3, [[0, 1, 2], [3]]),
+        (["g", "h", "g", "h"], 2, [[0, 2], [1, 3]]),
+        (["g", "g", "g", "", ""], 2, [[0, 1, 2], [3, 4]]),  # an oversized group is not split
+        (["a", "", "a", "b"], 3, [[0, 2, 1], [3]]),
+    ],
+)
+def test_pack_groups_keeps_groups_whole(
+    group_ids: list[str], max_count: int, expected: list[list[int]]
+) -> None:
+    assert pack_groups(group_ids, max_count=max_count) == expected
+
+
+def test_pack_groups_respects_weight() -> None:
+    parts = pack_groups(["", "", "", ""], max_count=10, weights=[5, 5, 5, 5], max_weight=10)
+    assert parts == [[0, 1], [2, 3]]

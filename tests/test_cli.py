@@ -1,0 +1,160 @@
+"""`python -m services.serve` and `python -m services.client` as a user runs them from a shell."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos import reward_pb2, reward_pb2_grpc
+from services.core.codec import encode_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def serve(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start `python -m services.serve ...`, wait for its `listening on` line, yield (process, endpoint)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.serve", *args, "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        while line.startswith("metrics on "):
+            proc.metrics_endpoint = line.split("metrics on ", 1)[1].strip()
+            line = proc.stdout.readline()
+        assert line.startswith("listening on "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield proc, line.split("listening on ", 1)[1].strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.client", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_serve_and_score_from_the_shell(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    paths, expected_kb = [], []
+    for i in range(2):
+        array = (
+            rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+            if i == 0
+            else np.zeros((24, 24, 3), np.uint8)
+        )
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        expected_kb.append(len(buffer.getvalue()) / 1000)
+
+    with serve("compressibility") as (_, endpoint):
+        result = client(
+            "score",
+            "--endpoint",
+            endpoint,
+            "--image",
+            str(paths[0]),
+            "--image",
+            str(paths[1]),
+            "--prompt",
+            "a photo",
+        )
+        assert result.returncode == 0, result.stderr
+        payload = json.loads(result.stdout)
+        assert payload["model"]["name"] == "compressibility"
+        got = [s["compressibility/jpeg_kb"] for s in payload["scores"]]
+        assert got == pytest.approx(expected_kb, abs=1e-9)
+
+        described = client("describe", "--endpoint", endpoint)
+        assert described.returncode == 0 and json.loads(described.stdout)["outputs"] == [
+            "compressibility",
+            "compressibility/jpeg_kb",
+        ]
+
+        corrupt = tmp_path / "corrupt.png"
+        corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+        failed = client("score", "--endpoint", endpoint, "--image", str(corrupt), "--prompt", "x")
+        assert failed.returncode == 1
+        assert "INVALID_ARGUMENT" in failed.stderr and "cannot decode PNG" in failed.stderr
+
+
+def queued_images(metrics_endpoint: str) -> int:
+    text = urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=5).read().decode()
+    return int(
+        sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("reward_queue_images{"))
+    )
+
+
+def test_sigterm_drains_accepted_requests_and_exits_zero() -> None:
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 512, 512, 3), dtype=np.uint8)
+    request = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image=encode_raw(img)) for img in images])
+
+    async def fire(endpoint: str, proc: subprocess.Popen) -> tuple[list[grpc.StatusCode], int]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            await stub.Score(request, timeout=30)  # warm: the connection is up
+
+            async def one() -> grpc.StatusCode:
+                try:
+                    response = await stub.Score(request, timeout=60)
+                except grpc.aio.AioRpcError as err:
+                    return err.code()
+                assert len(response.scores) == len(images)
+                return grpc.StatusCode.OK
+
+            calls = [asyncio.ensure_future(one()) for _ in range(24)]
+            # Wait until every request is answered, queued, or in the model (one batch = one request).
+            for _ in range(500):
+                queued = await asyncio.to_thread(queued_images, proc.metrics_endpoint)
+                if queued // 8 + sum(c.done() for c in calls) + 1 >= 24:
+                    break
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            pending_at_signal = sum(not call.done() for call in calls)
+            return list(await asyncio.gather(*calls)), pending_at_signal
+
+    with serve("compressibility", "--max-batch-images", "8", "--metrics-port", "0") as (proc, endpoint):
+        codes, pending_at_signal = asyncio.run(fire(endpoint, proc))
+        assert proc.wait(60) == 0
+        stderr = proc.stderr.read()
+    # Every request sent before the signal had been accepted: all are answered with scores.
+    assert pending_at_signal >= 6, pending_at_signal
+    assert codes == [grpc.StatusCode.OK] * 24, (codes, stderr)
+    assert "draining" in stderr
+
+
+def test_serve_rejects_bad_flags() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.serve", "compressibility", "--tls-cert", "x.crt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
