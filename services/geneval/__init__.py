@@ -1,0 +1,1 @@
+"""GenEval compositional reward: metadata parsing and the pure rule engine turning detections into a score."""
