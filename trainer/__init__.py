@@ -1,0 +1,1 @@
+"""E2PO trainer: embedding-perturbed exploration on top of DiffusionNFT."""

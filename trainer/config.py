@@ -1,0 +1,325 @@
+"""Typed configuration of an E2PO run, and the presets of the paper (Table 3) plus the CPU `shapes` world.
+
+Every field is overridable from the command line with ``--set section.field=value``; the resolved
+config is written to the run directory as ``config.json`` and is what ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.perturb import PerturbConfig
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which flow model to fine-tune and how its adapters look."""
+
+    path: str = "stabilityai/stable-diffusion-3.5-medium"
+    """Hub id or local directory in the SD3 pipeline layout (transformer/, text_encoder*/, tokenizer*/,
+    scheduler/, optional vae/ and text_encoder_3/). ``shapes`` = the shipped shapes-world model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    """dtype of the frozen weights (Table 3: fp16 mixed precision). LoRA weights stay float32."""
+    use_t5: bool = True
+    """Load T5-XXL when the model has it; False fills its sequence slots with zeros, as diffusers does."""
+    max_sequence_length: int = 128
+    """T5 tokens in the conditioning (DiffusionNFT uses 128)."""
+    resolution: int = 512
+    """Image side in pixels (ignored in pixel-space models, whose size is the transformer's sample_size)."""
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """LoRA target modules (REFERENCE §2); suffix match also covers SD3.5's dual-attention attn2.*."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where prompts (and their reward metadata) come from."""
+
+    train: str = "shapes"
+    """JSONL file of {"prompt", ...metadata} records (GenEval metadata format), or ``shapes`` for the
+    shapes world's generated train split."""
+    test: str = "shapes"
+    """Held-out prompts for evaluation, same format."""
+    num_prompts: int = 48
+    """Prompts per iteration, over all ranks (each prompt gets G·K samples). **choice**: DiffusionNFT's
+    48 groups per epoch."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Sampling of the exploration set: G noises × K conditions per prompt."""
+
+    num_noises: int = 4
+    """G in the paper: latent noises per prompt, each shared across the K conditions (Eq. 8)."""
+    num_conditions: int = 12
+    """K in the paper: the original condition plus K − 1 optimised perturbations. K = 1 is DiffusionNFT."""
+    num_steps: int = 10
+    """Sampler steps for rollouts (Table 3: train sample steps 10)."""
+    sampler: Literal["dpm2m", "euler"] = "dpm2m"
+    """DPM-Solver++(2M) as DiffusionNFT; Euler as an option."""
+    rho: float = 0.4
+    """Noise-aware schedule width (Eq. 13): perturbation only while σ > 1 − ρ."""
+    schedule: Literal["noise_aware", "static"] = "noise_aware"
+    """``static`` applies the perturbed condition at every step (ablation)."""
+    include_original: bool = True
+    """Reference-anchored batching: one of the K conditions is C_orig. False = all K perturbed (ablation)."""
+    train_condition: Literal["original", "generating"] = "original"
+    """Decoupled optimisation: updates condition on C_orig (default) or on the condition that
+    generated the sample (ablation)."""
+    batch_size: int = 16
+    """Samples per transformer forward during rollout (memory knob; does not change results)."""
+
+
+@dataclass(kw_only=True)
+class NFTConfig:
+    """DiffusionNFT objective (REFERENCE §2)."""
+
+    nft_beta: float = 1.0
+    kl_weight: float = 1e-4
+    adv_clip: float = 5.0
+    std_mode: Literal["global", "group"] = "global"
+    old_decay: Literal["linear", "none", "ocr"] = "linear"
+    train_timestep_fraction: float = 0.99
+    """Use the first ⌈fraction·steps⌉ of each sample's shuffled sampler timesteps (9 of 10)."""
+    ema: bool = True
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    train_batch_size: int = 8
+    """Samples per training forward."""
+    optimizer_steps_per_iteration: int = 1
+    """**choice**: Table 3's "grad-accum per epoch 1" read as one optimiser step per iteration, the
+    gradient accumulated over all of the iteration's samples and train timesteps."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+
+
+@dataclass(kw_only=True)
+class RewardSpec:
+    """One reward: a service endpoint (or a locally started one) and its weight in R = Σ w·R_k."""
+
+    name: str
+    """Service name, e.g. ``geneval``; also the prefix of its logged metrics."""
+    output: str = ""
+    """Which per-sample output is the reward (default: the service's first declared output)."""
+    weight: float = 1.0
+    endpoint: str = ""
+    """HOST:PORT of a running service; empty = start one locally with ``local_args``."""
+    local_args: tuple[str, ...] = ()
+    """Arguments after ``python -m services.serve NAME`` when started locally."""
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    rewards: list[RewardSpec] = field(default_factory=list)
+    timeout_s: float = 600.0
+    """Deadline for one chunk's scores, retries included; past it the run fails with a clear error."""
+    token_env: str = "E2PO_REWARD_TOKEN"
+    """Environment variable holding the bearer token (tokens never go into config.json)."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    preset: str = "custom"
+    seed: int = 42
+    iterations: int = 300
+    """Total iterations of the run (a resumed run continues up to this number)."""
+    out: str = "runs/e2po"
+    checkpoint_every: int = 10
+    plot_every: int = 1
+    eval_every: int = 0
+    """Evaluate every N iterations (0 = only when asked with ``python -m trainer.evaluate``)."""
+    device: str = "auto"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return from_dict(cls, json.loads(path.read_text()))
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+
+def _geneval_rewards() -> list[RewardSpec]:
+    return [
+        RewardSpec(name="geneval", output="geneval/score", local_args=("--detector", "ultralytics")),
+    ]
+
+
+def geneval_k12() -> TrainConfig:
+    """E2PO on GenEval, high exploration: G = 4, K = 12, 300 iterations (Table 3)."""
+    cfg = TrainConfig()
+    cfg.rollout.num_noises, cfg.rollout.num_conditions = 4, 12
+    cfg.run.iterations = 300
+    cfg.reward.rewards = _geneval_rewards()
+    cfg.data.train, cfg.data.test = "geneval_train.jsonl", "geneval_test.jsonl"
+    return cfg
+
+
+def geneval_k4() -> TrainConfig:
+    """E2PO on GenEval, efficient: G = 2, K = 4, 850 iterations (Table 3)."""
+    cfg = geneval_k12()
+    cfg.rollout.num_noises, cfg.rollout.num_conditions = 2, 4
+    cfg.run.iterations = 850
+    return cfg
+
+
+def pickscore_k3() -> TrainConfig:
+    """E2PO on PickScore: G = 8, K = 3, 750 iterations (Table 3)."""
+    cfg = TrainConfig()
+    cfg.rollout.num_noises, cfg.rollout.num_conditions = 8, 3
+    cfg.run.iterations = 750
+    cfg.reward.rewards = [RewardSpec(name="pickscore", output="pickscore")]
+    cfg.data.train, cfg.data.test = "pickscore_train.jsonl", "pickscore_test.jsonl"
+    return cfg
+
+
+def shapes() -> TrainConfig:
+    """The CPU shapes world: GenEval with the exact shapes detector, sized for seconds per iteration.
+
+    Departures from Table 3, each because of the tiny model: LoRA r 8 / α 16 and lr 1e-3 (a 2-3M
+    parameter transformer), float32 on CPU, fewer prompts per iteration, Euler sampling, and the
+    perturbation max-norm relative to the tiny encoder's token-embedding scale (see PerturbConfig).
+    """
+    cfg = TrainConfig()
+    cfg.model = ModelConfig(
+        path="shapes", dtype="float32", use_t5=False, max_sequence_length=0, lora_rank=8, lora_alpha=16
+    )
+    cfg.data = DataConfig(train="shapes", test="shapes", num_prompts=8)
+    cfg.rollout = RolloutConfig(num_noises=4, num_conditions=4, num_steps=10, sampler="euler", batch_size=128)
+    cfg.perturb = PerturbConfig(num_steps=100, max_norm_mode="relative", max_norm=0.2)
+    cfg.optim = OptimConfig(lr=1e-3, train_batch_size=64, mixed_precision="no")
+    cfg.reward.rewards = [
+        RewardSpec(name="geneval", output="geneval/score", local_args=("--detector", "shapes"))
+    ]
+    cfg.run = RunConfig(preset="shapes", iterations=30, out="runs/shapes", checkpoint_every=5, device="cpu")
+    return cfg
+
+
+PRESETS = {
+    "geneval-k12": geneval_k12,
+    "geneval-k4": geneval_k4,
+    "pickscore-k3": pickscore_k3,
+    "shapes": shapes,
+}
+
+
+def build_config(
+    preset: str, *, baseline: Literal["e2po", "nft"] = "e2po", overrides: list[str] = ()
+) -> TrainConfig:
+    """A preset, optionally as its DiffusionNFT baseline at equal samples per prompt, with overrides."""
+    try:
+        cfg = PRESETS[preset]()
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
+    cfg.run.preset = preset
+    if baseline == "nft":
+        # Equal search budget: K = 1 and G = the preset's G·K samples per prompt.
+        cfg.rollout.num_noises *= cfg.rollout.num_conditions
+        cfg.rollout.num_conditions = 1
+        cfg.run.preset = f"{preset}+nft"
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+# -- overrides and (de)serialisation ---------------------------------------------------------------
+
+
+def apply_override(cfg: TrainConfig, item: str) -> None:
+    """Apply ``section.field=value`` (value parsed by the field's type)."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r} must look like section.field=value")
+    *path, name = key.strip().split(".")
+    target: Any = cfg
+    for part in path:
+        if not hasattr(target, part):
+            raise ValueError(f"override {item!r}: no config section {part!r}")
+        target = getattr(target, part)
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    if name not in fields:
+        raise ValueError(f"override {item!r}: {type(target).__name__} has no field {name!r}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, name, _parse(hints[name], raw.strip(), key))
+
+
+def _parse(tp: Any, raw: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if raw not in tp.__args__:
+            raise ValueError(f"{key}: {raw!r} is not one of {list(tp.__args__)}")
+        return raw
+    if tp is bool:
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}: expected a boolean, got {raw!r}")
+        return raw.lower() in ("true", "1", "yes")
+    if tp in (int, float, str):
+        try:
+            return tp(raw)
+        except ValueError:
+            raise ValueError(f"{key}: expected {tp.__name__}, got {raw!r}") from None
+    if origin is tuple:
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(parts) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(parts):
+            raise ValueError(f"{key}: expected {len(item_types)} comma-separated values, got {raw!r}")
+        return tuple(_parse(t, p, key) for t, p in zip(item_types, parts, strict=True))
+    if origin in (types.UnionType, typing.Union):
+        non_none = [a for a in tp.__args__ if a is not type(None)]
+        return None if raw.lower() == "none" else _parse(non_none[0], raw, key)
+    raise ValueError(f"{key}: cannot be set from the command line (type {tp})")
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild nested dataclasses from ``asdict`` output, refusing unknown keys."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            kwargs[name] = [from_dict(typing.get_args(tp)[0], v) for v in value]
+        elif typing.get_origin(tp) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,191 @@
+"""Loading the flow model (SD3 via diffusers, or the shapes world) and its two LoRA adapters.
+
+Both kinds of model live in the SD3 pipeline layout (transformer/, scheduler/, text_encoder[_2,_3]/,
+tokenizer[_2,_3]/, optional vae/), so one loader serves both: a directory without ``vae/`` is a
+pixel-space model whose x0 is the image in [−1, 1].
+
+Adapters (peft, through diffusers' adapter API): ``default`` is θ, the trained policy; ``old`` is
+θ_old, the sampling policy, started as a copy of θ. Disabling adapters gives the frozen base model,
+the KL reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from peft import LoraConfig
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from trainer.config import ModelConfig
+from trainer.text import SD3TextEncoder
+
+POLICY, OLD = "default", "old"
+SHAPES_MODEL = Path(__file__).resolve().parent.parent / "shapes" / "weights"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FlowModel:
+    """Everything the trainer touches: transformer (with adapters), scheduler, text side, decoder."""
+
+    transformer: SD3Transformer2DModel
+    scheduler: FlowMatchEulerDiscreteScheduler
+    text: SD3TextEncoder
+    vae: AutoencoderKL | None
+    sample_shape: tuple[int, int, int]
+    """(C, H, W) of x0: latent shape with a VAE, image shape in pixel space."""
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 (B, C, H, W) → images (B, 3, H', W') float in [0, 1]."""
+        if self.vae is None:
+            return ((x0.float() + 1) / 2).clamp(0, 1)
+        latents = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return ((self.vae.decode(latents, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor
+    ):
+        """v(x, σ) from the transformer with whatever adapter is active; σ (B,) in [0, 1]."""
+        return self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+            return_dict=False,
+        )[0]
+
+
+def resolve_path(path: str) -> str:
+    return str(SHAPES_MODEL) if path == "shapes" else path
+
+
+def _has(path: str, sub: str) -> bool | None:
+    """Whether a local pipeline dir has a component; None for hub ids (assume the standard layout)."""
+    local = Path(path)
+    return (local / sub).is_dir() if local.is_dir() else None
+
+
+def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowModel:
+    """Load transformer, scheduler, text encoders and (if present) VAE; freeze everything."""
+    path = resolve_path(config.path)
+    dtype = DTYPES[config.dtype]
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    text_kwargs = {}
+    if config.use_t5 and _has(path, "text_encoder_3") is not False:
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        text_kwargs = {
+            "tokenizer_3": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
+            "text_encoder_3": T5EncoderModel.from_pretrained(
+                path, subfolder="text_encoder_3", torch_dtype=dtype
+            ),
+        }
+    text = SD3TextEncoder(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder", torch_dtype=dtype
+        ),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", torch_dtype=dtype
+        ),
+        joint_attention_dim=transformer.config.joint_attention_dim,
+        max_sequence_length=config.max_sequence_length,
+        **text_kwargs,
+    )
+    vae = None
+    if _has(path, "vae") is not False:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    return assemble(transformer, scheduler, text, vae, config, device)
+
+
+def assemble(
+    transformer: SD3Transformer2DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    text: SD3TextEncoder,
+    vae: AutoencoderKL | None,
+    config: ModelConfig,
+    device: torch.device | str,
+) -> FlowModel:
+    """Freeze, move to device, and add the two LoRA adapters (also used with tiny models in tests)."""
+    transformer.requires_grad_(False)
+    for module in (transformer, text.text_encoder, text.text_encoder_2, text.text_encoder_3, vae):
+        if module is not None:
+            module.to(device)
+    if vae is not None:
+        vae.requires_grad_(False)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = config.resolution // factor
+        shape = (transformer.config.in_channels, size, size)
+    else:
+        size = transformer.config.sample_size
+        shape = (transformer.config.in_channels, size, size)
+    add_policy_adapters(transformer, config)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return FlowModel(transformer=transformer, scheduler=scheduler, text=text, vae=vae, sample_shape=shape)
+
+
+def add_policy_adapters(transformer: SD3Transformer2DModel, config: ModelConfig) -> None:
+    """θ ("default", trainable, float32) and θ_old ("old", a copy of θ)."""
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(config.lora_targets),
+    )
+    transformer.add_adapter(lora, adapter_name=POLICY)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # two adapters on purpose
+        transformer.add_adapter(lora, adapter_name=OLD)
+    load_adapter_state(transformer, OLD, adapter_state(transformer, POLICY))
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # adapters train in float32 over half-precision weights
+    use_adapter(transformer, POLICY)
+
+
+def use_adapter(transformer: SD3Transformer2DModel, name: str) -> None:
+    """Activate an adapter; keep only θ trainable (peft flips requires_grad to the active adapter)."""
+    transformer.set_adapter(name)
+    for pname, param in transformer.named_parameters():
+        if "lora_" in pname:
+            param.requires_grad_(f".{POLICY}." in pname)
+
+
+def adapter_named_params(transformer: SD3Transformer2DModel, name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters keyed by peft's adapter-free state-dict names, in module order.
+
+    These are the names ``StableDiffusion3Pipeline.save_lora_weights`` expects (after its own
+    ``transformer.`` prefix), e.g. ``transformer_blocks.0.attn.to_q.lora_A.weight``.
+    """
+    marker = f".{name}."
+    return {
+        n.replace(marker, "."): p for n, p in transformer.named_parameters() if "lora_" in n and marker in n
+    }
+
+
+def adapter_params(transformer: SD3Transformer2DModel, name: str) -> list[torch.nn.Parameter]:
+    return list(adapter_named_params(transformer, name).values())
+
+
+def adapter_state(transformer: SD3Transformer2DModel, name: str) -> dict[str, torch.Tensor]:
+    """A detached copy of the adapter's tensors."""
+    return {k: p.detach().clone() for k, p in adapter_named_params(transformer, name).items()}
+
+
+@torch.no_grad()
+def load_adapter_state(transformer: SD3Transformer2DModel, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the adapter; the key sets must match exactly."""
+    params = adapter_named_params(transformer, name)
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"adapter {name!r} state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, param in params.items():
+        param.copy_(state[key])

@@ -1,0 +1,81 @@
+"""Prompt sources: which prompts (with their reward metadata) each iteration trains on.
+
+Records are GenEval-format dicts ({"prompt", "tag", "include", ...}); for rewards without metadata a
+record may hold only "prompt". The draw order is a pure function of (seed, position), so the state to
+checkpoint is a single integer and a resumed run sees exactly the prompts it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Record = dict[str, Any]
+
+
+def load_records(source: str, split: str, seed: int = 0) -> list[Record]:
+    """Records of a JSONL file, or of the shapes world's generated ``train``/``test`` split."""
+    if source == "shapes":
+        from shapes.prompts import PromptSplitConfig, split_prompts
+
+        train, test = split_prompts(PromptSplitConfig(), seed)
+        return [dict(r) for r in (train if split == "train" else test)]
+    records = []
+    for number, line in enumerate(Path(source).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{source}:{number}: each line must be a JSON object with a string 'prompt'")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{source}: no prompts")
+    return records
+
+
+class PromptStream:
+    """An endless, reproducible stream of records, optionally balanced across GenEval tags.
+
+    Balanced: draws cycle through the tags in a fixed order, so a split dominated by one tag (as the
+    shapes train split is by color_attr) still trains every tag equally. Within a stream (a tag, or the
+    whole set), each epoch is a fresh permutation seeded by (seed, stream, epoch).
+    """
+
+    def __init__(self, records: Sequence[Record], *, seed: int, balance_by_tag: bool = False) -> None:
+        self.seed = seed
+        if balance_by_tag:
+            tags = sorted({str(r.get("tag", "")) for r in records})
+            self.streams = [[r for r in records if str(r.get("tag", "")) == t] for t in tags]
+        else:
+            self.streams = [list(records)]
+        self.position = 0
+
+    def _draw(self, position: int) -> Record:
+        num = len(self.streams)
+        stream_id, turn = position % num, position // num
+        stream = self.streams[stream_id]
+        epoch, offset = divmod(turn, len(stream))
+        order = np.random.default_rng([self.seed, stream_id, epoch]).permutation(len(stream))
+        return stream[int(order[offset])]
+
+    def next(self, count: int) -> list[Record]:
+        records = [self._draw(self.position + i) for i in range(count)]
+        self.position += count
+        return records
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"prompt stream seed {state['seed']} differs from the run's {self.seed}")
+        self.position = int(state["position"])
+
+
+def reward_metadata(record: Record) -> Record | None:
+    """The metadata a reward service receives: the GenEval record, or None for a bare prompt."""
+    return record if "include" in record else None

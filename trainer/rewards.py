@@ -1,0 +1,187 @@
+"""Rewards from gRPC services: R = Σ_k w_k·R_k over the configured endpoints (DiffusionNFT's weighted sum).
+
+Each decoded rollout chunk is submitted at once (``submit``), so scoring overlaps the sampling of the
+next chunk; ``collect`` waits for all of them. Services without an endpoint are started locally on
+loopback (``python -m services.serve NAME --port 0 …``) and stopped at exit. A reward is only ever a
+value a service returned: failures beyond the client's retries and deadline raise, and the run stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.client import RewardClient, RewardError
+from trainer.config import RewardConfig, RewardSpec
+
+log = logging.getLogger(__name__)
+
+
+class RewardUnavailable(RuntimeError):
+    """A reward service could not score a chunk within its deadline; the run cannot continue honestly."""
+
+
+@dataclass
+class ChunkScores:
+    """Scores of one chunk: every service output, and the weighted total."""
+
+    indices: torch.Tensor
+    outputs: dict[str, np.ndarray]
+    total: np.ndarray
+
+
+class LocalService:
+    """A reward service started as a subprocess on a free loopback port."""
+
+    def __init__(self, name: str, args: Sequence[str]) -> None:
+        self.name, self.args = name, list(args)
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    async def start(self, timeout_s: float = 600.0) -> str:
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.serve",
+            self.name,
+            "--port",
+            "0",
+            "--log-level",
+            "WARNING",
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(self._listening_line), timeout_s)
+        except TimeoutError:
+            self.stop()
+            raise RewardUnavailable(
+                f"local {self.name} service did not start within {timeout_s:.0f} s"
+            ) from None
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RewardUnavailable(f"local {self.name} service failed to start (command: {' '.join(cmd)})")
+        self.endpoint = line.removeprefix("listening on ").strip()
+        return self.endpoint
+
+    def _listening_line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("listening on "):
+                return line
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RewardSet:
+    """All configured rewards of a run."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        if not config.rewards:
+            raise ValueError("no reward configured: give --reward-endpoint NAME=HOST:PORT or use a preset")
+        self.config = config
+        self.specs: list[RewardSpec] = list(config.rewards)
+        self._local: list[LocalService] = []
+        self._clients: dict[str, RewardClient] = {}
+        self.identities: dict[str, dict[str, Any]] = {}
+        self._pending: list[asyncio.Task[ChunkScores]] = []
+
+    async def start(self) -> None:
+        token = os.environ.get(self.config.token_env) or None
+        for spec in self.specs:
+            endpoint = spec.endpoint
+            if not endpoint:
+                service = LocalService(spec.name, spec.local_args)
+                self._local.append(service)
+                endpoint = await service.start()
+                log.info("started local %s reward service on %s", spec.name, endpoint)
+            client = RewardClient(endpoint, token=token, timeout_s=self.config.timeout_s)
+            try:
+                info = await client.describe()
+            except RewardError as exc:
+                raise RewardUnavailable(f"reward {spec.name!r} at {endpoint}: {exc}") from None
+            if not spec.output:
+                spec.output = info.outputs[0]
+            if spec.output not in info.outputs:
+                raise ValueError(
+                    f"reward {spec.name!r}: service has no output {spec.output!r} ({list(info.outputs)})"
+                )
+            self._clients[spec.name] = client
+            self.identities[spec.name] = {
+                "endpoint": endpoint,
+                "name": info.name,
+                "version": info.version,
+                "checkpoint_sha256": info.checkpoint_sha256,
+                "output": spec.output,
+                "weight": spec.weight,
+            }
+
+    def submit(
+        self,
+        indices: torch.Tensor,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any] | None],
+    ) -> None:
+        """Start scoring a chunk (uint8 images (n, 3, H, W)) in the background."""
+        self._pending.append(
+            asyncio.ensure_future(self._score(indices, images, list(prompts), list(metadata)))
+        )
+
+    async def collect(self) -> list[ChunkScores]:
+        """Wait for every submitted chunk; raise RewardUnavailable if any could not be scored."""
+        pending, self._pending = self._pending, []
+        try:
+            return list(await asyncio.gather(*pending))
+        except BaseException:
+            for task in pending:
+                task.cancel()
+            raise
+
+    async def _score(
+        self, indices: torch.Tensor, images: torch.Tensor, prompts: list[str], metadata: list[Any]
+    ) -> ChunkScores:
+        needs_metadata = any(m is not None for m in metadata)
+
+        async def one(spec: RewardSpec) -> dict[str, np.ndarray]:
+            try:
+                scores = await self._clients[spec.name].score(
+                    images, prompts, metadata=metadata if needs_metadata else None
+                )
+            except RewardError as exc:
+                raise RewardUnavailable(f"reward {spec.name!r} failed for a rollout chunk: {exc}") from None
+            return scores.values
+
+        results = await asyncio.gather(*(one(spec) for spec in self.specs))
+        outputs: dict[str, np.ndarray] = {}
+        total = np.zeros(len(prompts), dtype=np.float64)
+        for spec, values in zip(self.specs, results, strict=True):
+            outputs.update(values)
+            total += spec.weight * values[spec.output]
+        return ChunkScores(indices=indices, outputs=outputs, total=total)
+
+    async def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        for client in self._clients.values():
+            await client.close()
+        for service in self._local:
+            await asyncio.to_thread(service.stop)

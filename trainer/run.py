@@ -1,0 +1,133 @@
+"""Train with E2PO: ``python -m trainer.run [--preset shapes] [--reward-endpoint NAME=HOST:PORT …]``.
+
+With no arguments this is the CPU demo: the ``shapes`` preset, its GenEval service (exact shapes
+detector) started locally, a short run. ``--resume RUN_DIR`` continues a run from its latest
+checkpoint with the run's saved config; ``--iterations`` is the run's total, so it also extends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.config import PRESETS, RewardSpec, TrainConfig, apply_override, build_config
+from trainer.loop import Trainer
+from trainer.model import load_model
+from trainer.rewards import RewardSet, RewardUnavailable
+
+log = logging.getLogger("trainer")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    p.add_argument(
+        "--baseline", choices=["nft"], help="DiffusionNFT at equal samples per prompt (K = 1, G = G·K)"
+    )
+    p.add_argument("--iterations", type=int, help="total iterations of the run")
+    p.add_argument("--model", help="hub id or local SD3 pipeline directory ('shapes' = shipped shapes model)")
+    p.add_argument(
+        "--reward-endpoint",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT[,weight=W][,output=O]",
+        help="a running reward service (repeat for several; replaces the preset's rewards)",
+    )
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", type=Path, help="run directory (or checkpoint) to continue")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field"
+    )
+    return p.parse_args(argv)
+
+
+def parse_endpoint(text: str) -> RewardSpec:
+    """``geneval=host:50051,weight=1,output=geneval/score`` → RewardSpec."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--reward-endpoint {text!r}: expected NAME=HOST:PORT[,weight=W][,output=O]")
+    endpoint, *options = rest.split(",")
+    spec = RewardSpec(name=name.strip(), endpoint=endpoint.strip())
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "weight":
+            spec.weight = float(value)
+        elif key == "output":
+            spec.output = value
+        else:
+            raise ValueError(f"--reward-endpoint {text!r}: unknown option {key!r} (weight, output)")
+    return spec
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    if args.resume is not None:
+        run_dir = args.resume if (args.resume / "config.json").exists() else args.resume.parent.parent
+        cfg = TrainConfig.load(run_dir / "config.json")
+        for item in args.set:
+            apply_override(cfg, item)
+    else:
+        cfg = build_config(args.preset, baseline=args.baseline or "e2po", overrides=args.set)
+    if args.iterations is not None:
+        cfg.run.iterations = args.iterations
+    if args.model is not None:
+        cfg.model.path = args.model
+    if args.out is not None:
+        cfg.run.out = args.out
+    if args.reward_endpoint:
+        cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
+    run_dir = args.resume if args.resume is not None else Path(cfg.run.out)
+    if args.resume is not None and not (run_dir / "config.json").exists():
+        run_dir = run_dir.parent.parent
+    return cfg, run_dir
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+async def train(cfg: TrainConfig, run_dir: Path, resume: Path | None) -> None:
+    device = pick_device(cfg.run.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(cfg.model, device)
+    rewards = RewardSet(cfg.reward)
+    try:
+        await rewards.start()
+        trainer = Trainer(cfg, model, rewards, run_dir, resume=resume)
+        await trainer.train()
+    finally:
+        await rewards.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, run_dir = resolve_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    torch.manual_seed(cfg.run.seed)
+    try:
+        asyncio.run(train(cfg, run_dir, args.resume))
+    except RewardUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"run:     {run_dir}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"plots:   {run_dir / 'plots' / 'curves.png'}")
+    print(f"LoRA:    {run_dir / 'checkpoints' / 'latest'} (lora/ loads with pipe.load_lora_weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The DiffusionNFT policy update on one iteration's rollouts (REFERENCE §2).
+
+Per sample, the sampler's timesteps are shuffled and the first ⌈0.99·steps⌉ are trained on; at each,
+fresh noise gives x_t = (1 − t)·x0 + t·ε and three forwards share (x_t, t, C_orig): θ_old (no grad),
+θ (grad) and, when kl_weight > 0, the base model with adapters disabled (no grad). Each loss is
+backpropagated at once scaled by 1/(micro-batches·timesteps) of its accumulation window, so memory
+holds one forward's graph; one optimiser step closes each window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from trainer.config import NFTConfig, OptimConfig
+from trainer.model import OLD, POLICY, FlowModel, use_adapter
+from trainer.nft import nft_loss
+from trainer.text import Conditioning
+
+
+@dataclass
+class TrainBatch:
+    """What an update needs per sample: x0 (N, C, H, W), its training condition, r (N,)."""
+
+    x0: torch.Tensor
+    condition: Conditioning
+    r: torch.Tensor
+
+
+def train_sigmas(
+    num_samples: int, sigmas: torch.Tensor, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """(N, T_train) per-sample shuffled sampler timesteps σ_i (i < steps), first ⌈fraction·steps⌉."""
+    steps = len(sigmas) - 1
+    keep = math.ceil(fraction * steps)
+    order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(num_samples)])
+    return sigmas[:-1][order[:, :keep]]
+
+
+def nft_update(
+    model: FlowModel,
+    accelerator: Accelerator,
+    transformer: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainBatch,
+    sigmas: torch.Tensor,
+    nft: NFTConfig,
+    optim: OptimConfig,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], int]:
+    """Run this iteration's optimiser steps; return mean loss parts and the number of steps taken.
+
+    ``transformer`` is the accelerate-prepared (possibly DDP-wrapped) module used for the θ forward;
+    the no-grad θ_old and reference forwards go through the bare ``model.transformer``.
+    """
+    device = accelerator.device
+    num = batch.x0.shape[0]
+    order = torch.randperm(num, generator=generator)
+    t_all = train_sigmas(num, sigmas, nft.train_timestep_fraction, generator)
+    windows = [w for w in order.tensor_split(optim.optimizer_steps_per_iteration) if len(w)]
+    totals: dict[str, float] = defaultdict(float)
+    count = 0
+    grad_norms: list[float] = []
+    for window in windows:
+        micro = window.split(optim.train_batch_size)
+        scale = 1.0 / (len(micro) * t_all.shape[1])
+        for m, idx in enumerate(micro):
+            x0 = batch.x0[idx].to(device)
+            cond = batch.condition[idx.to(batch.condition.pooled.device)].to(device)
+            r = batch.r[idx].to(device)
+            for j in range(t_all.shape[1]):
+                t = t_all[idx, j].to(device)
+                eps = torch.randn(x0.shape, generator=generator).to(device)
+                x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+                last = m == len(micro) - 1 and j == t_all.shape[1] - 1
+                parts = _loss_and_backward(
+                    model, accelerator, transformer, x_t, x0, t, cond, r, nft, scale, last
+                )
+                for key, value in parts.items():
+                    totals[key] += value
+                count += 1
+        if optim.grad_clip > 0:
+            grad_norms.append(float(accelerator.clip_grad_norm_(transformer.parameters(), optim.grad_clip)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    means = {k: v / max(count, 1) for k, v in totals.items()}
+    if grad_norms:
+        means["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return means, len(windows)
+
+
+def _loss_and_backward(
+    model: FlowModel,
+    accelerator: Accelerator,
+    transformer: torch.nn.Module,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    r: torch.Tensor,
+    nft: NFTConfig,
+    scale: float,
+    sync: bool,
+) -> dict[str, float]:
+    bare = model.transformer
+    dtype = bare.dtype
+    args = (x_t.to(dtype), t, cond.prompt_embeds.to(dtype), cond.pooled.to(dtype))
+    with torch.no_grad(), accelerator.autocast():
+        use_adapter(bare, OLD)
+        v_old = model.velocity(*args)
+        v_ref = None
+        if nft.kl_weight > 0:
+            bare.disable_adapters()
+            v_ref = model.velocity(*args)
+            bare.enable_adapters()
+        use_adapter(bare, POLICY)
+    with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
+        with accelerator.autocast():
+            v_theta = transformer(
+                hidden_states=args[0],
+                encoder_hidden_states=args[2],
+                pooled_projections=args[3],
+                timestep=t * 1000,
+                return_dict=False,
+            )[0]
+        loss, parts = nft_loss(
+            v_theta=v_theta,
+            v_old=v_old,
+            x_t=x_t,
+            x0=x0,
+            t=t,
+            r=r,
+            nft_beta=nft.nft_beta,
+            adv_clip=nft.adv_clip,
+            v_ref=v_ref,
+            kl_weight=nft.kl_weight,
+        )
+        accelerator.backward(loss * scale)
+    out = {"loss": float(loss.detach())}
+    out.update({k: float(v.detach().float().mean()) for k, v in parts.items()})
+    return out
