@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.core.scorer import Scorer
 
 
 class ScorerFactory(Protocol):
-    def build(self, *, checkpoint: str | None, tiny: bool, device: str) -> Scorer: ...
+    """A scorer class. ``options`` are its own command-line options, declared by an optional
+    ``add_arguments(parser)`` static method that ``services.serve`` calls for the chosen scorer only."""
+
+    def build(self, *, checkpoint: str | None, tiny: bool, device: str, **options: Any) -> Scorer: ...
+
+
+class ArgumentAdder(Protocol):
+    """What a scorer's ``add_arguments`` may call: the ``add_argument`` of an argparse parser or group."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
 
 
 SCORERS: dict[str, str] = {
     "compressibility": "services.compressibility:CompressibilityScorer",
+    "imagereward": "services.imagereward:ImageRewardScorer",
+    "dino": "services.dino:DinoScorer",
+    "geneval": "services.geneval.scorer:GenEvalScorer",
 }
 
 
@@ -27,6 +40,7 @@ def scorer_class(name: str) -> ScorerFactory:
 
 
 def build_scorer(
-    name: str, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu"
+    name: str, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu", **options: Any
 ) -> Scorer:
-    return scorer_class(name).build(checkpoint=checkpoint, tiny=tiny, device=device)
+    # Options are passed only when given, so scorers without options keep a three-keyword build().
+    return scorer_class(name).build(checkpoint=checkpoint, tiny=tiny, device=device, **options)

@@ -3,6 +3,10 @@
     python -m services.serve compressibility --port 0
     python -m services.serve pickscore --checkpoint /models/PickScore_v1 --device cuda --host 0.0.0.0 \\
         --token-file /etc/reward/tokens --metrics-port 9464
+    python -m services.serve geneval --detector shapes
+
+A scorer may declare its own options (``add_arguments``); ``python -m services.serve SCORER --help`` lists
+them, and their values reach its ``build`` as keywords.
 
 Prints ``listening on HOST:PORT`` once the model is loaded and health reports SERVING; SIGTERM drains
 in-flight work and exits 0.
@@ -15,17 +19,51 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
 from services.core.server import RewardServer, ServerConfig, TLSConfig
 from services.core.servicer import RequestLimits
-from services.registry import SCORERS, build_scorer
+from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
+
+
+class _OptionRecorder:
+    """The argument group handed to a scorer's ``add_arguments``; remembers which options it declared."""
+
+    def __init__(self, group: ArgumentAdder) -> None:
+        self._group = group
+        self.dests: list[str] = []
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self._group.add_argument(*args, **kwargs)
+        self.dests.append(action.dest)
+        return action
+
+
+def _scorer_options(p: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, list[str]]:
+    """Add the named scorer's own options to ``p``; returns (scorer name, option dests).
+
+    The scorer is the first argument naming a registered scorer; only its module is imported, so serving
+    one model never pays for another's imports.
+    """
+    name = next((arg for arg in argv if arg in SCORERS), None)
+    if name is None:
+        return None, []
+    add_arguments = getattr(scorer_class(name), "add_arguments", None)
+    if add_arguments is None:
+        return name, []
+    recorder = _OptionRecorder(p.add_argument_group(f"{name} options"))
+    add_arguments(recorder)
+    return name, recorder.dests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(
-        prog="python -m services.serve", description="Serve one reward model over gRPC."
+        prog="python -m services.serve",
+        description="Serve one reward model over gRPC.",
+        epilog="Scorer-specific options: python -m services.serve SCORER --help",
     )
     p.add_argument("scorer", choices=sorted(SCORERS))
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
@@ -50,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--max-connection-age-s", type=float)
     p.add_argument("--log-level", default="INFO")
+    option_scorer, option_dests = _scorer_options(p, argv)
     args = p.parse_args(argv)
+    if option_scorer is not None and option_scorer != args.scorer:
+        p.error(f"options of {option_scorer!r} were read, but the scorer is {args.scorer!r}")
+    args.scorer_options = {dest: getattr(args, dest) for dest in option_dests}
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -88,7 +130,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 async def serve(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     server = RewardServer(
-        lambda: build_scorer(args.scorer, checkpoint=args.checkpoint, tiny=args.tiny, device=args.device),
+        lambda: build_scorer(
+            args.scorer,
+            checkpoint=args.checkpoint,
+            tiny=args.tiny,
+            device=args.device,
+            **args.scorer_options,
+        ),
         args.scorer,
         config,
     )

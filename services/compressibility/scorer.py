@@ -44,8 +44,10 @@ class CompressibilityScorer:
 
     @classmethod
     def build(
-        cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu"
+        cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu", **options: Any
     ) -> CompressibilityScorer:
+        if options:
+            raise ValueError(f"compressibility takes no options, got {sorted(options)}")
         if checkpoint is not None:
             raise ValueError("compressibility has no checkpoint; drop --checkpoint")
         return cls()

@@ -119,7 +119,13 @@ class RewardServer:
         self.port = port
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
-        scorer = await asyncio.to_thread(self._load_scorer)
+        try:
+            scorer = await asyncio.to_thread(self._load_scorer)
+        except BaseException:
+            # Close the listener before the error propagates, so the process exits without a dangling server.
+            await server.stop(0)
+            self.metrics.shutdown()
+            raise
         self.batcher = FairBatcher(lambda jobs: run_jobs(scorer, jobs), cfg.batcher, observer=self.metrics)
         self.batcher.start()
         self.servicer.attach(scorer, self.batcher)

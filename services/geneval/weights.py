@@ -1,0 +1,25 @@
+"""Hashes of weight files, so Describe names exactly which detector and CLIP weights a reward came from."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def combined_sha256(hex_digests: Sequence[str]) -> str:
+    """One hash for several weight files: sha256 of their hex digests, one per line.
+
+    Reproducible from a shell without rereading anything twice:
+    ``(sha256sum a | cut -c1-64; sha256sum b | cut -c1-64) | sha256sum``.
+    """
+    return hashlib.sha256("".join(f"{h}\n" for h in hex_digests).encode()).hexdigest()
