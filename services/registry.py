@@ -27,6 +27,9 @@ SCORERS: dict[str, str] = {
     "imagereward": "services.imagereward:ImageRewardScorer",
     "dino": "services.dino:DinoScorer",
     "geneval": "services.geneval.scorer:GenEvalScorer",
+    "pickscore": "services.pickscore:PickScoreScorer",
+    "hps": "services.hps:HPSScorer",
+    "aesthetic": "services.aesthetic:AestheticScorer",
 }
 
 

@@ -1,0 +1,5 @@
+"""Pieces shared by the CLIP-family scorers (PickScore, HPSv2, aesthetic): PIL-exact image transforms on
+uint8 tensors, checkpoint resolution and fingerprints, deterministic tiny models.
+
+Scorers import from here, never from each other.
+"""
