@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate only rank 0 writes the config
+        cfg.save(run_dir / "config.json")
     torch.manual_seed(cfg.run.seed)
     try:
         asyncio.run(train(cfg, run_dir, args.resume))
