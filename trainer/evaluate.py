@@ -22,6 +22,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import RolloutConfig, TrainConfig
+from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
 from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, use_adapter
 from trainer.prompts import Record, load_records, reward_metadata
@@ -34,29 +35,49 @@ GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position",
 
 @torch.no_grad()
 def generate(
-    model: FlowModel, records: list[Record], *, steps: int, sampler: str, seed: int, batch_size: int = 64
+    model: FlowModel,
+    records: list[Record],
+    *,
+    steps: int,
+    sampler: str,
+    seed: int,
+    samples_per_prompt: int = 1,
+    batch_size: int = 64,
 ) -> torch.Tensor:
-    """uint8 images (N, 3, H, W), one per record, from the active adapter; noise seeded per run."""
+    """uint8 images (N·n, 3, H, W) from the active adapter, record-major (n per record, seeded noise)."""
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(records), *model.sample_shape), generator=generator)
+    expanded = [r for r in records for _ in range(samples_per_prompt)]
+    noise = torch.randn((len(expanded), *model.sample_shape), generator=generator)
     sigmas = sample_sigmas(model, steps)
     config = RolloutConfig(num_steps=steps, sampler=sampler)
     device = model.transformer.device
     images = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+    for start in range(0, len(expanded), batch_size):
+        chunk = expanded[start : start + batch_size]
         cond = model.text.encode([r["prompt"] for r in chunk])
+        unperturbed = torch.zeros(len(chunk), dtype=torch.bool)
         x0 = sample(
-            model,
-            noise[start : start + len(chunk)].to(device),
-            cond,
-            cond,
-            torch.zeros(len(chunk), dtype=torch.bool),
-            sigmas,
-            config,
+            model, noise[start : start + len(chunk)].to(device), cond, cond, unperturbed, sigmas, config
         )
         images.append((model.decode(x0) * 255).round().to(torch.uint8).cpu())
     return torch.cat(images)
+
+
+def diversity(images: torch.Tensor, samples_per_prompt: int, *, layouts: bool) -> dict[str, float]:
+    """Mean per-prompt pixel diversity, and layout diversity from the exact shapes detector if asked."""
+    groups = images.split(samples_per_prompt)
+    out = {"diversity/pixel_rms": float(np.mean([pixel_diversity(g) for g in groups]))}
+    if layouts:
+        from shapes.detector import ShapesDetector
+
+        detector = ShapesDetector()
+        scores = []
+        for group in groups:
+            found = [detector.detect(img.permute(1, 2, 0).numpy()) for img in group]
+            boxes = [[d.box for dets in f.values() for d in dets] for f in found]
+            scores.append(layout_diversity(boxes))
+        out["diversity/layout"] = float(np.mean(scores))
+    return out
 
 
 def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -105,7 +126,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 async def evaluate(
-    cfg: TrainConfig, run_dir: Path | None, *, steps: int, num_prompts: int | None, seed: int, use_ema: bool
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    *,
+    steps: int,
+    num_prompts: int | None,
+    seed: int,
+    use_ema: bool,
+    samples_per_prompt: int = 1,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     model = load_model(cfg.model, pick_device(cfg.run.device))
     if run_dir is not None:
@@ -152,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate θ instead of its EMA")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="> 1 also reports per-prompt diversity")
+    p.add_argument("--out", type=Path, help="output directory (default RUN/eval)")
     p.add_argument("--reward-endpoint", action="append", default=[])
     args = p.parse_args(argv)
     if args.run is not None:
