@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow test-all demo protos lint format clean
+.PHONY: venv test test-slow test-reliability test-all demo protos lint format clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,13 @@ protos: $(STAMP)
 	$(PY) -m protos.generate
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not reliability" $(PYTEST_ARGS)
+
+# The fast suite plus the long reliability runs (10,000+ fuzz cases, 16x200 load, killed servers and
+# trainers); their numbers (docs/reliability.md) are appended to build/reliability.jsonl.
+test-reliability: $(STAMP)
+	@mkdir -p build
+	E2PO_RELIABILITY_REPORT=build/reliability.jsonl $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -30,6 +36,16 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m services.demo
+
+# Quick versions of the CPU benchmarks (bench/results/*_quick.json) and the GPU benchmark's CPU smoke
+# test; the full runs quoted in docs/benchmarks.md are `python -m bench.<name>` without --quick.
+.PHONY: bench
+bench: $(STAMP)
+	@$(PY) -c "import flask, gunicorn" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m bench.serving --quick
+	$(PY) -m bench.fairness --quick
+	$(PY) -m bench.trainer --quick
+	$(PY) -m bench.gpu_sd3 --smoke
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -41,3 +57,13 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# TorchServe archives (.mar) of every registered scorer, tiny models by default, plus config.properties.
+# Real weights: python -m services.torchserve build SCORER --checkpoint PATH --device cuda (docs/deploy.md).
+TORCHSERVE_OUT ?= build/torchserve
+TORCHSERVE_FLAGS ?= --tiny
+.PHONY: torchserve-archives
+torchserve-archives: $(STAMP)
+	@for scorer in $$($(PY) -c "from services.registry import SCORERS; print(*SCORERS)"); do \
+		$(PY) -m services.torchserve build $$scorer $(TORCHSERVE_FLAGS) --out $(TORCHSERVE_OUT) || exit 1; \
+	done

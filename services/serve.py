@@ -23,6 +23,7 @@ from typing import Any
 
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
+from services.core.quota import QuotaConfig
 from services.core.server import RewardServer, ServerConfig, TLSConfig
 from services.core.servicer import RequestLimits
 from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
@@ -71,12 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny model built offline from a config (tests, demo)")
     p.add_argument("--checkpoint", help="hub id or local path of the real weights")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--token-file", type=Path, help="'name:token[:models]' lines; enables bearer auth")
+    p.add_argument(
+        "--token-file", type=Path, help="'name:token[:models[:images_per_s]]' lines; enables bearer auth"
+    )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
-    d_batch, d_req, d_img = BatcherConfig(), RequestLimits(), ImageLimits()
+    d_batch, d_req, d_img, d_srv = BatcherConfig(), RequestLimits(), ImageLimits(), ServerConfig()
     p.add_argument("--max-batch-images", type=int, default=d_batch.max_batch_images)
     p.add_argument("--max-delay-ms", type=float, default=d_batch.max_delay_ms)
     p.add_argument("--max-queued-images", type=int, default=d_batch.max_queued_images)
@@ -84,6 +87,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images-per-request", type=int, default=d_req.max_images_per_request)
     p.add_argument("--max-request-bytes", type=int, default=d_req.max_request_bytes)
     p.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
+    p.add_argument("--max-pixels-per-request", type=int, default=d_req.max_pixels_per_request)
+    p.add_argument(
+        "--max-decoded-pixels",
+        type=int,
+        default=d_srv.max_decoded_pixels,
+        help="decoded pixels held at once over all requests (the memory bound, ~3 bytes each)",
+    )
+    p.add_argument(
+        "--quota-images-per-s",
+        type=float,
+        help="per-client rate limit (a token-file line may set its own); default unlimited",
+    )
+    p.add_argument(
+        "--quota-burst-s",
+        type=float,
+        default=d_srv.quota.burst_s,
+        help="seconds of quota a client may use at once after idling",
+    )
     p.add_argument("--drain-delay-s", type=float, default=0.0)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--max-connection-age-s", type=float)
@@ -116,8 +137,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         limits=RequestLimits(
             max_images_per_request=args.max_images_per_request,
             max_request_bytes=args.max_request_bytes,
+            max_pixels_per_request=args.max_pixels_per_request,
             image=ImageLimits(max_pixels=args.max_pixels),
         ),
+        max_decoded_pixels=args.max_decoded_pixels,
+        quota=QuotaConfig(images_per_s=args.quota_images_per_s, burst_s=args.quota_burst_s),
         token_file=args.token_file,
         tls=tls,
         metrics_port=args.metrics_port,

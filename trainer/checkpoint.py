@@ -9,6 +9,7 @@ also exported in the layout ``StableDiffusion3Pipeline.load_lora_weights(dir)`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -22,6 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous one is untouched."""
 
 
 @dataclass
@@ -81,6 +86,22 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _latest_name(root)
+        # torch.save reports ENOSPC as "unexpected pos ..." without an errno; say it in plain words.
+        disk_full = not isinstance(exc, OSError) and shutil.disk_usage(root).free < 1024 * 1024
+        cause = "No space left on device; " if disk_full else ""
+        previous = (
+            f"the previous checkpoint {kept} is intact and still latest" if kept else "no earlier checkpoint"
+        )
+        code = (
+            exc.errno if isinstance(exc, OSError) and exc.errno else errno.ENOSPC if disk_full else errno.EIO
+        )
+        raise CheckpointError(
+            code,
+            f"could not write checkpoint {name} under {root}: {cause}{type(exc).__name__}: {exc}; {previous}",
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,6 +156,11 @@ def export_lora(directory: Path, transformer_lora: dict[str, torch.Tensor]) -> N
     StableDiffusion3Pipeline.save_lora_weights(
         directory, transformer_lora_layers={k: v.cpu() for k, v in transformer_lora.items()}
     )
+
+
+def _latest_name(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
 
 
 def _point_latest(root: Path, name: str) -> None:

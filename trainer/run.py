@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import CheckpointError
 from trainer.config import PRESETS, RewardSpec, TrainConfig, apply_override, build_config
 from trainer.loop import Trainer
 from trainer.model import load_model
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.run.seed)
     try:
         asyncio.run(train(cfg, run_dir, args.resume))
-    except RewardUnavailable as exc:
+    except (RewardUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"run:     {run_dir}")

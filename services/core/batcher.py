@@ -166,6 +166,10 @@ class FairBatcher(Generic[T, R]):
         """Raise QueueFull (or ValueError if it can never fit) without queueing anything."""
         self._admit(client, num_images)
 
+    def estimated_wait_s(self) -> float:
+        """Time the model needs for everything queued now, at its measured speed (a retry hint)."""
+        return self._retry_after(self._total_queued)
+
     def queued_images(self, client: str | None = None) -> int:
         return self._total_queued if client is None else self._queued_images.get(client, 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,12 +38,19 @@ class ImageLimits:
     """Largest accepted height or width."""
 
 
-def decode_image(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+Reserve = Callable[[int], None]
+"""Called with an image's pixel count once its size is known and before its pixels are allocated; it
+raises to refuse the image (e.g. when a request's or the server's decoded-pixel budget is spent)."""
+
+
+def decode_image(
+    image: reward_pb2.Image, limits: ImageLimits, *, reserve: Reserve | None = None
+) -> np.ndarray:
     """Decode one wire image into an (H, W, 3) uint8 array, or raise ImageError."""
     if image.encoding == RAW:
-        return _decode_raw(image, limits)
+        return _decode_raw(image, limits, reserve)
     if image.encoding in _PIL_FORMAT:
-        return _decode_compressed(image, limits)
+        return _decode_compressed(image, limits, reserve)
     raise ImageError(f"unknown image encoding {image.encoding}; expected RAW_RGB8, PNG or JPEG")
 
 
@@ -57,7 +65,7 @@ def _check_size(height: int, width: int, limits: ImageLimits) -> None:
         )
 
 
-def _decode_raw(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+def _decode_raw(image: reward_pb2.Image, limits: ImageLimits, reserve: Reserve | None) -> np.ndarray:
     height, width = image.height, image.width
     _check_size(height, width, limits)
     expected = height * width * 3
@@ -66,10 +74,12 @@ def _decode_raw(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
             f"raw RGB8 image has {len(image.data)} bytes, "
             f"expected height·width·3 = {height}·{width}·3 = {expected}"
         )
+    if reserve is not None:
+        reserve(height * width)
     return np.frombuffer(image.data, dtype=np.uint8).reshape(height, width, 3)
 
 
-def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarray:
+def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits, reserve: Reserve | None) -> np.ndarray:
     fmt = _PIL_FORMAT[image.encoding]
     if not image.data:
         raise ImageError(f"{fmt} image has no data")
@@ -84,6 +94,8 @@ def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits) -> np.ndarr
                 raise ImageError(
                     f"{fmt} image is {height}x{width} but the request declares {image.height}x{image.width}"
                 )
+            if reserve is not None:
+                reserve(height * width)
             pil.load()
             array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
     except ImageError:

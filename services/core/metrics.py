@@ -1,7 +1,9 @@
 """Prometheus metrics of one reward server, exported on their own HTTP port.
 
 Labels carry the client *name* (from the token file) or "anonymous" — never a token, a prompt or a
-peer address — so cardinality stays bounded by the number of teams.
+peer address — so cardinality stays bounded by the number of teams. Without auth the batcher's queues
+are keyed by peer address or a self-declared name; those keys contain ':' (client names cannot), and
+their queue depths are summed under "anonymous".
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class ServerMetrics:
         self.errors = Counter(
             "reward_errors", "Failed Score RPCs by status code", ["model", "code"], **labels
         )
+        self.refused_requests = Counter(
+            "reward_refused_requests",
+            "Score RPCs refused before the model, by reason (quota, queue_full, memory)",
+            ["model", "reason"],
+            **labels,
+        )
+        self._anonymous_depths: dict[str, int] = {}
 
     # BatcherObserver
     def batch_done(self, num_images: int, num_jobs: int, seconds: float) -> None:
@@ -64,12 +73,22 @@ class ServerMetrics:
         self.batch_seconds.labels(self.model).observe(seconds)
 
     def queue_depth(self, client: str, num_images: int) -> None:
-        self.queue_images.labels(self.model, client).set(num_images)
+        if ":" not in client:
+            self.queue_images.labels(self.model, client).set(num_images)
+            return
+        if num_images:
+            self._anonymous_depths[client] = num_images
+        else:
+            self._anonymous_depths.pop(client, None)
+        self.queue_images.labels(self.model, "anonymous").set(sum(self._anonymous_depths.values()))
 
     def dropped(self, reason: str, num_images: int) -> None:
         self.dropped_images.labels(self.model, reason).inc(num_images)
 
     # servicer
+    def refused(self, reason: str) -> None:
+        self.refused_requests.labels(self.model, reason).inc()
+
     def request_done(self, client: str, code: str, num_images: int, seconds: float) -> None:
         self.requests.labels(self.model, client, code).inc()
         self.latency.labels(self.model).observe(seconds)

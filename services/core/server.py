@@ -19,13 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from protos import reward_pb2, reward_pb2_grpc
+from protos import reward_pb2
 from services.core.auth import TokenAuthenticator
 from services.core.batcher import BatcherConfig, FairBatcher
+from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, PixelBudget
 from services.core.metrics import ServerMetrics
+from services.core.quota import QuotaConfig, QuotaLimiter
 from services.core.runner import run_jobs
 from services.core.scorer import Scorer
-from services.core.servicer import RequestLimits, RewardServicer
+from services.core.servicer import RequestLimits, RewardServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ class ServerConfig:
     """0 picks a free port (reported by :meth:`RewardServer.start`)."""
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
+    """Decoded pixels held at once over all requests (decoding, queued, in the model): the server's
+    memory bound for images, ≈3 bytes each (3.2 GB by default). Past it, RESOURCE_EXHAUSTED."""
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
+    """Per-client rate limit in images/s (the token file may set one per team)."""
     token_file: Path | None = None
     """Enables bearer-token auth (see :mod:`services.core.auth`); None = open server."""
     tls: TLSConfig | None = None
@@ -63,6 +70,13 @@ class ServerConfig:
     max_connection_age_s: float | None = None
     """Close HTTP/2 connections after this age so long-lived clients rebalance across replicas."""
 
+    def __post_init__(self) -> None:
+        if self.max_decoded_pixels < self.limits.max_pixels_per_request:
+            raise ValueError(
+                f"max_decoded_pixels ({self.max_decoded_pixels}) must be >= max_pixels_per_request "
+                f"({self.limits.max_pixels_per_request}), or the largest request could never be scored"
+            )
+
 
 class RewardServer:
     """One process, one model. ``load_scorer`` runs in a thread after the port is bound."""
@@ -74,7 +88,12 @@ class RewardServer:
         self.metrics = ServerMetrics(model_name)
         auth = TokenAuthenticator.from_file(config.token_file) if config.token_file else None
         self.servicer = RewardServicer(
-            limits=config.limits, metrics=self.metrics, auth=auth, model_name=model_name
+            limits=config.limits,
+            metrics=self.metrics,
+            auth=auth,
+            model_name=model_name,
+            pixel_budget=PixelBudget(config.max_decoded_pixels),
+            quota=QuotaLimiter(config.quota),
         )
         self.health = health_aio.HealthServicer()
         self.batcher: FairBatcher | None = None
@@ -96,7 +115,7 @@ class RewardServer:
                 ("grpc.max_connection_age_grace_ms", int(cfg.drain_grace_s * 1000)),
             ]
         server = grpc.aio.server(options=options)
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from protos import reward_pb2, reward_pb2_grpc
-from services.core.auth import AuthError, TokenAuthenticator
+from services.core.auth import AuthError, Principal, TokenAuthenticator
 from services.core.batcher import BatcherClosed, DeadlineExpired, FairBatcher, QueueFull
-from services.core.codec import ImageError, ImageLimits, decode_image, to_chw_tensor
+from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, BudgetExhausted, PixelBudget, Reservation
+from services.core.codec import ImageError, ImageLimits, Reserve, decode_image, to_chw_tensor
 from services.core.metrics import ServerMetrics
 from services.core.packing import pack_groups
+from services.core.quota import QuotaExceeded, QuotaLimiter
 from services.core.runner import JobResult
 from services.core.scorer import ModelIdentity, ScoreBatch, Scorer
 
@@ -47,11 +50,31 @@ class RequestLimits:
     max_prompt_chars: int = 4096
     max_metadata_chars: int = 65536
     max_group_id_chars: int = 256
+    max_pixels_per_request: int = 32 * 1024 * 1024
+    """Decoded pixels of one request (≈100 MB as uint8 RGB). More than a raw request under
+    ``max_request_bytes`` can carry, so it only bites on PNG/JPEG that expand far beyond their size."""
     image: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_pixels_per_request < self.image.max_pixels:
+            raise ValueError(
+                f"max_pixels_per_request ({self.max_pixels_per_request}) must be >= the per-image "
+                f"max_pixels ({self.image.max_pixels}), or the largest image could never be scored"
+            )
 
 
 class RequestError(ValueError):
     """The request is malformed; answered INVALID_ARGUMENT with this message."""
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """A request body that is not a valid message (corrupt bytes, bad UTF-8 in a string field).
+
+    gRPC answers UNKNOWN when a deserializer raises; handing the handler this instead lets it answer
+    INVALID_ARGUMENT — after authentication, so an anonymous caller learns nothing about parsing."""
+
+    error: str
 
 
 class _Abort(Exception):
@@ -90,11 +113,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         metrics: ServerMetrics,
         auth: TokenAuthenticator | None,
         model_name: str,
+        pixel_budget: PixelBudget | None = None,
+        quota: QuotaLimiter | None = None,
     ) -> None:
         self.limits = limits
         self.metrics = metrics
         self.auth = auth
         self.model_name = model_name
+        self.pixel_budget = pixel_budget or PixelBudget(DEFAULT_MAX_DECODED_PIXELS)
+        self.quota = quota
         self.scorer: Scorer | None = None
         self.batcher: FairBatcher[ScoreBatch, JobResult | Exception] | None = None
         self.draining = False
@@ -105,48 +132,55 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     # -- RPCs --------------------------------------------------------------------------------------
 
-    async def Describe(self, request: reward_pb2.DescribeRequest, context: grpc.aio.ServicerContext):
+    async def Describe(
+        self, request: reward_pb2.DescribeRequest | MalformedRequest, context: grpc.aio.ServicerContext
+    ):
         try:
             self._principal(context)
+            _check_parsed(request)
             scorer, _ = self._ready()
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
         return model_info(scorer.identity, self.limits)
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
+    async def Score(
+        self, request: reward_pb2.ScoreRequest | MalformedRequest, context: grpc.aio.ServicerContext
+    ):
         started = time.perf_counter()
         client_label = "anonymous"
         code = grpc.StatusCode.OK
+        num_samples = len(request.samples) if isinstance(request, reward_pb2.ScoreRequest) else 0
         try:
             principal = self._principal(context)
-            client_label = principal or "anonymous"
-            fairness_key = principal or _declared_client(context) or context.peer()
+            client_label = principal.name if principal else "anonymous"
+            _check_parsed(request)
+            # With auth the queue is the team's; without, the caller's declared name or its address.
+            fairness_key = client_label if principal else (_declared_client(context) or context.peer())
             scorer, batcher = self._ready()
             self._check_shape(request)
-            self._check_admission(batcher, fairness_key, len(request.samples))
-            try:
-                jobs = await asyncio.to_thread(self._decode, request, scorer)
-            except RequestError as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            return await self._score(scorer, batcher, fairness_key, jobs, context)
+            rate = principal.images_per_s if principal else None
+            return await self._admit_and_score(scorer, batcher, fairness_key, rate, request, context)
         except _Abort as abort:
             code = abort.code
             await context.abort(abort.code, str(abort), trailing_metadata=abort.trailing)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            # A bug, not a bad request: say so plainly (never UNKNOWN with a repr) and keep serving.
+            code = grpc.StatusCode.INTERNAL
+            log.exception("Score failed unexpectedly")
+            await context.abort(code, "internal error while handling the request; the server log has details")
         finally:
-            self.metrics.request_done(
-                client_label, code.name, len(request.samples), time.perf_counter() - started
-            )
+            self.metrics.request_done(client_label, code.name, num_samples, time.perf_counter() - started)
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def _principal(self, context: grpc.aio.ServicerContext) -> str | None:
+    def _principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
         if self.auth is None:
             return None
         try:
-            return self.auth.authenticate(context.invocation_metadata() or (), self.model_name).name
+            return self.auth.authenticate(context.invocation_metadata() or (), self.model_name)
         except AuthError as exc:
             code = grpc.StatusCode.PERMISSION_DENIED if exc.permission else grpc.StatusCode.UNAUTHENTICATED
             raise _Abort(code, str(exc)) from None
@@ -168,16 +202,63 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 f"request has {count} samples, limit is {self.limits.max_images_per_request}; split it",
             )
 
+    async def _admit_and_score(
+        self,
+        scorer: Scorer,
+        batcher: FairBatcher[ScoreBatch, JobResult | Exception],
+        client: str,
+        rate: float | None,
+        request: reward_pb2.ScoreRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reward_pb2.ScoreResponse:
+        """Quota, queue room and memory first; then decode, queue, and answer.
+
+        Only images that reach the model count against the quota: a request refused on the way is
+        refunded. Its decoded pixels are held against the server's budget until it is answered.
+        """
+        num_images = len(request.samples)
+        self._charge_quota(client, num_images, rate)
+        reservation = Reservation(self.pixel_budget, self.limits.max_pixels_per_request)
+        try:
+            self._check_admission(batcher, client, num_images)
+            try:
+                jobs = await asyncio.to_thread(self._decode, request, scorer, reservation.take)
+            except RequestError as exc:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            except BudgetExhausted as exc:
+                self.metrics.refused("memory")
+                raise _exhausted(str(exc), batcher.estimated_wait_s()) from None
+            results = await self._submit(batcher, client, jobs, context)
+        except BaseException:
+            if self.quota is not None:
+                self.quota.refund(client, num_images)
+            raise
+        finally:
+            reservation.release()
+        return self._response(scorer, jobs, results)
+
+    def _charge_quota(self, client: str, num_images: int, rate: float | None) -> None:
+        if self.quota is None:
+            return
+        try:
+            self.quota.charge(client, num_images, rate)
+        except QuotaExceeded as exc:
+            self.metrics.refused("quota")
+            raise _exhausted(str(exc), exc.retry_after_s) from None
+
     def _check_admission(self, batcher: FairBatcher, client: str, num_images: int) -> None:
         """Refuse early, before spending time and memory on decoding, when the queue cannot take it."""
         try:
             batcher.check_admission(client, num_images)
         except QueueFull as exc:
-            raise _queue_full(exc) from None
+            self.metrics.refused("queue_full")
+            raise _exhausted(str(exc), exc.retry_after_s) from None
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
-    def _decode(self, request: reward_pb2.ScoreRequest, scorer: Scorer) -> list[tuple[list[int], ScoreBatch]]:
+    def _decode(
+        self, request: reward_pb2.ScoreRequest, scorer: Scorer, reserve: Reserve
+    ) -> list[tuple[list[int], ScoreBatch]]:
         """Decode and validate every sample (in a worker thread), then pack them into jobs.
 
         Returns (request indices, job) pairs: packing keeps groups together, so a job's samples need
@@ -191,7 +272,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             if not sample.HasField("image"):
                 raise RequestError(f"{where}: no image")
             try:
-                images.append(to_chw_tensor(decode_image(sample.image, limits.image)))
+                images.append(to_chw_tensor(decode_image(sample.image, limits.image, reserve=reserve)))
             except ImageError as exc:
                 raise RequestError(f"{where}: {exc}") from None
             if len(sample.prompt) > limits.max_prompt_chars:
@@ -224,26 +305,33 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             for indices in pack_groups(group_ids, max_count=batch_size)
         ]
 
-    async def _score(
+    async def _submit(
         self,
-        scorer: Scorer,
         batcher: FairBatcher[ScoreBatch, JobResult | Exception],
         client: str,
         jobs: list[tuple[list[int], ScoreBatch]],
         context: grpc.aio.ServicerContext,
-    ) -> reward_pb2.ScoreResponse:
+    ) -> list[JobResult | Exception]:
         try:
-            results = await batcher.submit(
+            return await batcher.submit(
                 client, [(job, len(job)) for _, job in jobs], timeout_s=context.time_remaining()
             )
         except QueueFull as exc:
-            raise _queue_full(exc) from None
+            self.metrics.refused("queue_full")
+            raise _exhausted(str(exc), exc.retry_after_s) from None
         except ValueError as exc:  # a request that can never fit the queue
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DeadlineExpired as exc:
             raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         except BatcherClosed as exc:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def _response(
+        self,
+        scorer: Scorer,
+        jobs: list[tuple[list[int], ScoreBatch]],
+        results: list[JobResult | Exception],
+    ) -> reward_pb2.ScoreResponse:
         num_samples = sum(len(indices) for indices, _ in jobs)
         per_sample: list[dict[str, float]] = [{} for _ in range(num_samples)]
         response = reward_pb2.ScoreResponse(model=model_info(scorer.identity, self.limits))
@@ -262,13 +350,49 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return response
 
 
-def _queue_full(exc: QueueFull) -> _Abort:
-    retry_ms = str(max(1, round(exc.retry_after_s * 1000)))
+def _exhausted(message: str, retry_after_s: float) -> _Abort:
+    """RESOURCE_EXHAUSTED with the wait in the message and as ``retry-after-ms`` trailing metadata."""
+    retry_ms = str(max(1, round(retry_after_s * 1000)))
     return _Abort(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"{exc}; retry after {retry_ms} ms",
+        f"{message}; retry after {retry_ms} ms",
         ((RETRY_AFTER_KEY, retry_ms),),
     )
+
+
+def _check_parsed(request: Message | MalformedRequest) -> None:
+    if isinstance(request, MalformedRequest):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.error}")
+
+
+def _lenient(message_type: type[Message]) -> Any:
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+
+    return parse
+
+
+def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
+    """Register the RewardService like the generated ``add_RewardServiceServicer_to_server``, but with
+    deserializers that turn an unparsable body into a :class:`MalformedRequest` (INVALID_ARGUMENT)."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=_lenient(reward_pb2.ScoreRequest),
+            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=_lenient(reward_pb2.DescribeRequest),
+            response_serializer=reward_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    service = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def _declared_client(context: grpc.aio.ServicerContext) -> str | None:
@@ -285,7 +409,7 @@ def _parse_metadata(text: str, max_chars: int, where: str) -> Mapping[str, Any] 
         raise RequestError(f"{where}: metadata_json has {len(text)} chars, limit {max_chars}")
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError also covers ints over Python's digit limit
         raise RequestError(f"{where}: metadata_json is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise RequestError(f"{where}: metadata_json must be a JSON object, got {type(value).__name__}")
