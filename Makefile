@@ -34,8 +34,9 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job end to end on this machine: E2PO on the shapes world (GenEval service started locally).
 demo: $(STAMP)
-	$(PY) -m services.demo
+	$(PY) -m trainer.run
 
 # Quick versions of the CPU benchmarks (bench/results/*_quick.json) and the GPU benchmark's CPU smoke
 # test; the full runs quoted in docs/benchmarks.md are `python -m bench.<name>` without --quick.

@@ -224,7 +224,8 @@ def shapes() -> TrainConfig:
     cfg.reward.rewards = [
         RewardSpec(name="geneval", output="geneval/score", local_args=("--detector", "shapes"))
     ]
-    cfg.run = RunConfig(preset="shapes", iterations=30, out="runs/shapes", checkpoint_every=5, device="cpu")
+    # Sized for `make demo`: about ten minutes on two CPU cores.
+    cfg.run = RunConfig(preset="shapes", iterations=12, out="runs/shapes", checkpoint_every=4, device="cpu")
     return cfg
 
 
