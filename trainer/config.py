@@ -90,7 +90,8 @@ class NFTConfig:
     std_mode: Literal["global", "group"] = "global"
     old_decay: Literal["linear", "none", "ocr"] = "linear"
     train_timestep_fraction: float = 0.99
-    """Use the first ⌈fraction·steps⌉ of each sample's shuffled sampler timesteps (9 of 10)."""
+    """Train on the first int(fraction·steps) of each sample's shuffled sampler timesteps (9 of 10, as
+    DiffusionNFT computes it)."""
     ema: bool = True
 
 
@@ -218,7 +219,7 @@ def shapes() -> TrainConfig:
         path="shapes", dtype="float32", use_t5=False, max_sequence_length=0, lora_rank=8, lora_alpha=16
     )
     cfg.data = DataConfig(train="shapes", test="shapes", num_prompts=8)
-    cfg.rollout = RolloutConfig(num_noises=4, num_conditions=4, num_steps=10, sampler="euler", batch_size=128)
+    cfg.rollout = RolloutConfig(num_noises=4, num_conditions=4, num_steps=10, sampler="euler", batch_size=16)
     cfg.perturb = PerturbConfig(num_steps=100, max_norm_mode="relative", max_norm=0.2)
     cfg.optim = OptimConfig(lr=1e-3, train_batch_size=64, mixed_precision="no")
     cfg.reward.rewards = [

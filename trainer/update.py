@@ -1,16 +1,15 @@
 """The DiffusionNFT policy update on one iteration's rollouts (REFERENCE §2).
 
-Per sample, the sampler's timesteps are shuffled and the first ⌈0.99·steps⌉ are trained on; at each,
-fresh noise gives x_t = (1 − t)·x0 + t·ε and three forwards share (x_t, t, C_orig): θ_old (no grad),
-θ (grad) and, when kl_weight > 0, the base model with adapters disabled (no grad). Each loss is
-backpropagated at once scaled by 1/(micro-batches·timesteps) of its accumulation window, so memory
-holds one forward's graph; one optimiser step closes each window.
+Per sample, the sampler's timesteps are shuffled and the first int(0.99·steps) (9 of 10) are trained
+on; at each, fresh noise gives x_t = (1 − t)·x0 + t·ε and three forwards share (x_t, t, C_orig):
+θ_old (no grad), θ (grad) and, when kl_weight > 0, the base model with adapters disabled (no grad).
+Each loss is backpropagated at once scaled by 1/(micro-batches·timesteps) of its accumulation window,
+so memory holds one forward's graph; one optimiser step closes each window.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -35,9 +34,10 @@ class TrainBatch:
 def train_sigmas(
     num_samples: int, sigmas: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """(N, T_train) per-sample shuffled sampler timesteps σ_i (i < steps), first ⌈fraction·steps⌉."""
+    """(N, T_train) per-sample shuffled sampler timesteps σ_i (i < steps), the first int(fraction·steps)."""
     steps = len(sigmas) - 1
-    keep = math.ceil(fraction * steps)
+    # int(), as DiffusionNFT computes it: 0.99 of 10 steps trains on 9 (a ceiling would give all 10).
+    keep = max(1, int(fraction * steps))
     order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(num_samples)])
     return sigmas[:-1][order[:, :keep]]
 

@@ -1,0 +1,248 @@
+"""Fairness benchmark: a small client's latency while another client floods the same reward server.
+
+    python -m bench.fairness [--quick] [--torch-threads N]
+
+The small client sends 4-image requests one at a time; the flooder keeps two 64-image requests in flight
+under another client name. Each pass measures the small client alone, then under the flood. Servers: our
+gRPC server with the default ``max_batch_images`` (32) and with 8 (shorter batches, less waiting behind
+the running one), and the HTTP baseline, which has no per-client queues. Writes
+``bench/results/fairness.json`` (``fairness_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.common import free_port, load_average, percentile_ms, print_table, use_torch_threads, write_results
+from bench.http_pickle_baseline import HttpClient, gunicorn_server
+from bench.images import synthetic_images
+from bench.load import PROMPT, pick
+from bench.processes import reward_server
+from services.client import RewardClient
+
+SMALL_IMAGES = 4
+FLOOD_IMAGES = 64
+FLOOD_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    servers: tuple[str, ...]
+    phase_s: float
+    passes: int
+
+
+FULL = Plan(servers=("grpc-batch32", "grpc-batch8", "http"), phase_s=12.0, passes=2)
+QUICK = Plan(servers=("grpc-batch32",), phase_s=5.0, passes=1)
+
+
+@dataclass(kw_only=True)
+class Phase:
+    small_latencies: list[float]
+    flood_images: int
+    seconds: float
+
+
+# -- gRPC --------------------------------------------------------------------------------------------
+
+
+async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bool) -> Phase:
+    small = RewardClient(endpoint, client_name="small")
+    flooder = RewardClient(endpoint, client_name="flood", max_concurrent_requests=FLOOD_IN_FLIGHT)
+    stop = asyncio.Event()
+    flood_done = [0]
+    first_flood = asyncio.Event()
+
+    async def flood_loop(offset: int) -> None:
+        cursor = offset
+        while not stop.is_set():
+            await flooder.score(pick(pool, cursor, FLOOD_IMAGES), PROMPT)
+            cursor += FLOOD_IMAGES
+            flood_done[0] += FLOOD_IMAGES
+            first_flood.set()
+
+    tasks = [asyncio.create_task(flood_loop(i * 7)) for i in range(FLOOD_IN_FLIGHT)] if flood else []
+    try:
+        if flood:
+            # Steady state: the flood's queue is full and its first batches have run.
+            await asyncio.wait_for(first_flood.wait(), 120)
+        flood_start = flood_done[0]
+        latencies = []
+        started = time.perf_counter()
+        cursor = 0
+        while time.perf_counter() - started < seconds:
+            t0 = time.perf_counter()
+            await small.score(pick(pool, cursor, SMALL_IMAGES), PROMPT)
+            latencies.append(time.perf_counter() - t0)
+            cursor += SMALL_IMAGES
+        elapsed = time.perf_counter() - started
+        return Phase(small_latencies=latencies, flood_images=flood_done[0] - flood_start, seconds=elapsed)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await small.close()
+        await flooder.close()
+
+
+# -- HTTP --------------------------------------------------------------------------------------------
+
+
+def _http_phase(url: str, pool: np.ndarray, seconds: float, flood: bool) -> Phase:
+    stop = threading.Event()
+    first_flood = threading.Event()
+    lock = threading.Lock()
+    flood_done = [0]
+
+    def flood_loop(offset: int) -> None:
+        client = HttpClient(url)
+        cursor = offset
+        try:
+            while not stop.is_set():
+                client.score(pick(pool, cursor, FLOOD_IMAGES), [PROMPT] * FLOOD_IMAGES)
+                cursor += FLOOD_IMAGES
+                with lock:
+                    flood_done[0] += FLOOD_IMAGES
+                first_flood.set()
+        finally:
+            client.close()
+
+    threads = [
+        threading.Thread(target=flood_loop, args=(i * 7,), daemon=True) for i in range(FLOOD_IN_FLIGHT)
+    ]
+    small = HttpClient(url)
+    try:
+        if flood:
+            for thread in threads:
+                thread.start()
+            first_flood.wait(120)
+        flood_start = flood_done[0]
+        latencies = []
+        started = time.perf_counter()
+        cursor = 0
+        while time.perf_counter() - started < seconds:
+            t0 = time.perf_counter()
+            small.score(pick(pool, cursor, SMALL_IMAGES), [PROMPT] * SMALL_IMAGES)
+            latencies.append(time.perf_counter() - t0)
+            cursor += SMALL_IMAGES
+        elapsed = time.perf_counter() - started
+        return Phase(small_latencies=latencies, flood_images=flood_done[0] - flood_start, seconds=elapsed)
+    finally:
+        stop.set()
+        small.close()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(timeout=300)
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _server(name: str) -> Iterator[Callable[[np.ndarray, float, bool], Phase]]:
+    """The named server, and a function running one phase against it."""
+    if name == "http":
+        with gunicorn_server(free_port(), "clip") as url:
+            yield lambda pool, seconds, flood: _http_phase(url, pool, seconds, flood)
+        return
+    batch = int(name.removeprefix("grpc-batch"))
+    served: AbstractContextManager = reward_server(["clip", "--max-batch-images", str(batch)])
+    with served as endpoint:
+        yield lambda pool, seconds, flood: asyncio.run(_grpc_phase(endpoint.endpoint, pool, seconds, flood))
+
+
+def run(plan: Plan, pool: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for name in plan.servers:
+        solo: list[float] = []
+        flooded: list[float] = []
+        flood_images = 0
+        flood_seconds = 0.0
+        with _server(name) as phase:
+            for index in range(plan.passes):
+                solo += phase(pool, plan.phase_s, False).small_latencies
+                result = phase(pool, plan.phase_s, True)
+                flooded += result.small_latencies
+                flood_images += result.flood_images
+                flood_seconds += result.seconds
+                print(f"  {name}: pass {index + 1}/{plan.passes} done", flush=True)
+        row = {
+            "server": name,
+            "solo_requests": len(solo),
+            "solo_p50_ms": percentile_ms(solo, 50),
+            "solo_p99_ms": percentile_ms(solo, 99),
+            "flooded_requests": len(flooded),
+            "flooded_p50_ms": percentile_ms(flooded, 50),
+            "flooded_p99_ms": percentile_ms(flooded, 99),
+            "flood_images_per_s": flood_images / flood_seconds if flood_seconds else None,
+        }
+        row["p99_ratio"] = row["flooded_p99_ms"] / row["solo_p99_ms"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="our server with default batching only, one pass")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of every model process")
+    args = p.parse_args(argv)
+    threads = use_torch_threads(args.torch_threads)
+    plan = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    load_before = load_average()
+    rows = run(plan, synthetic_images(64))
+    print_table(
+        f"Small client ({SMALL_IMAGES} images/request) alone and while another client keeps "
+        f"{FLOOD_IN_FLIGHT}×{FLOOD_IMAGES} images in flight",
+        ["server", "solo p50", "solo p99", "flooded p50", "flooded p99", "p99 ratio", "flood img/s"],
+        [
+            [
+                r["server"],
+                r["solo_p50_ms"],
+                r["solo_p99_ms"],
+                r["flooded_p50_ms"],
+                r["flooded_p99_ms"],
+                r["p99_ratio"],
+                r["flood_images_per_s"],
+            ]
+            for r in rows
+        ],
+    )
+    default = rows[0]
+    target = {
+        "server": default["server"],
+        "value": default["p99_ratio"],
+        "target": "<= 2",
+        "met": default["p99_ratio"] <= 2,
+    }
+    ratio = default["p99_ratio"]
+    print(f"\ntarget: flooded p99 <= 2 × solo p99 on {default['server']}: {ratio:.2f}, met {target['met']}")
+    write_results(
+        "fairness_quick" if args.quick else "fairness",
+        {
+            "mode": "quick" if args.quick else "full",
+            "torch_threads_per_model_process": threads,
+            "small_images_per_request": SMALL_IMAGES,
+            "flood": {"images_per_request": FLOOD_IMAGES, "in_flight": FLOOD_IN_FLIGHT},
+            "plan": {"phase_s": plan.phase_s, "passes": plan.passes},
+            "load_average_before": load_before,
+            "rows": rows,
+            "target": target,
+            "load_average_after": load_average(),
+            "wall_s": round(time.perf_counter() - started, 1),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Serving benchmark: our gRPC reward server vs in-process scoring vs the Flask + pickle + JPEG baseline.
+
+    python -m bench.serving [--quick] [--torch-threads N]
+
+One run measures, side by side on the same scorer (:func:`bench.scorers.bench_clip_scorer`, a ~22M parameter
+CLIP image tower at 224 px behind the aesthetic head, fed 512² images):
+
+1. in-process ``scorer.score`` at each request size (no transport, no batching across callers);
+2. the gRPC server (child process) under 1/4/8/16 closed-loop clients × 1/4/16 images per request, plus one
+   client × 32: images/s, p50/p99 latency, mean executed batch (from the server's Prometheus histogram);
+3. the HTTP baseline (gunicorn child, :mod:`bench.http_pickle_baseline`) on the same grid;
+4. transport cost per image (encode / decode / wire) and score drift (:mod:`bench.transport`).
+
+Both servers run for the whole grid and every cell is measured on both back to back, in alternating order,
+in each of ``passes`` passes, so a change in the machine's background load hits both alike. Clients run in
+this process, servers in children: on a small machine they share the cores, which the report states.
+Writes ``bench/results/serving.json`` (``serving_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import transport
+from bench.common import free_port, load_average, print_table, use_torch_threads, write_results
+from bench.http_pickle_baseline import THREADS, gunicorn_server
+from bench.images import synthetic_images
+from bench.load import WindowConfig, aggregate, grpc_cell, http_cell, in_process_cell
+from bench.processes import reward_server
+from bench.scorers import bench_clip_config, bench_clip_scorer, vision_parameters
+from services.core.batcher import BatcherConfig
+from services.core.scorer import ScoreBatch
+
+PREFERRED_BATCH = BatcherConfig.max_batch_images
+"""The scorer's preferred batch: the server's default ``max_batch_images``."""
+
+Cell = tuple[int, int]
+"""(clients, images per request)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    cells: tuple[Cell, ...]
+    window: WindowConfig
+    passes: int
+    in_process_s: float
+    transport_repeats: int
+    transport_alternations: int
+    """Null-model round trips alternate between the two servers this many times (median taken)."""
+    pool_size: int = 64
+
+
+def _grid(clients: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[Cell, ...]:
+    return (*((c, s) for c in clients for s in sizes), (1, PREFERRED_BATCH))
+
+
+FULL = Plan(
+    cells=_grid((1, 4, 8, 16), (1, 4, 16)),
+    window=WindowConfig(duration_s=6.0, min_requests=2, max_s=60.0),
+    passes=2,
+    in_process_s=4.0,
+    transport_repeats=8,
+    transport_alternations=3,
+)
+QUICK = Plan(
+    cells=((8, 4), (4, 16), (1, PREFERRED_BATCH)),
+    window=WindowConfig(duration_s=3.0, min_requests=2, max_s=20.0),
+    passes=1,
+    in_process_s=2.0,
+    transport_repeats=3,
+    transport_alternations=1,
+    pool_size=32,
+)
+
+
+def run_transport(plan: Plan, pool: np.ndarray) -> dict[str, Any]:
+    """Codec costs in-process; null-model round trips on both servers, alternated."""
+    images = pool[: transport.REQUEST_IMAGES]
+    scorer = bench_clip_scorer()
+    reference = transport.in_process_scores(scorer, images)
+    codec = transport.codec_costs(images, plan.transport_repeats)
+    trips: dict[str, list[float]] = {"grpc": [], "http": []}
+    with reward_server(["null"]) as served, gunicorn_server(free_port(), "null") as url:
+        for _ in range(plan.transport_alternations):
+            trips["grpc"].append(
+                asyncio.run(transport.grpc_round_trip_ms(served.endpoint, images, plan.transport_repeats))
+            )
+            trips["http"].append(transport.http_round_trip_ms(url, images, plan.transport_repeats))
+    table = transport.transport_table(codec, {k: float(np.median(v)) for k, v in trips.items()})
+    return {
+        "costs": table,
+        "jpeg_drift": transport.jpeg_drift(scorer, images, reference),
+        "reference_scores": reference.tolist(),
+    }
+
+
+def run_grid(plan: Plan, pool: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Every cell on gRPC and HTTP (alternating order), and in-process at each request size, per pass."""
+    scorer = bench_clip_scorer()
+    tensors = [torch.from_numpy(image).permute(2, 0, 1) for image in pool]
+
+    def score_in_process(batch_size: int) -> None:
+        images = tensors[:batch_size]
+        scorer.score(ScoreBatch(images=images, prompts=[""] * batch_size, metadata=[None] * batch_size))
+
+    runs: dict[str, dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    sizes = sorted({s for _, s in plan.cells} | {PREFERRED_BATCH})
+    with reward_server(["clip"]) as served, gunicorn_server(free_port(), "clip") as url:
+        exact = transport.grpc_exactness(served.endpoint, pool[: transport.REQUEST_IMAGES], reference)
+        for index in range(plan.passes):
+            print(f"pass {index + 1}/{plan.passes}", flush=True)
+            for position, (clients, size) in enumerate(plan.cells):
+                order = ("grpc", "http") if (index + position) % 2 == 0 else ("http", "grpc")
+                for system in order:
+                    if system == "grpc":
+                        cell = asyncio.run(
+                            grpc_cell(
+                                served.endpoint,
+                                clients=clients,
+                                request_size=size,
+                                pool=pool,
+                                window=plan.window,
+                                metrics_port=served.metrics_port,
+                            )
+                        )
+                    else:
+                        cell = http_cell(
+                            url, clients=clients, request_size=size, pool=pool, window=plan.window
+                        )
+                    runs[system][(clients, size)].append(cell)
+                    _progress(system, cell)
+            for size in sizes:
+                runs["in_process"][size].append(in_process_cell(score_in_process, size, plan.in_process_s))
+    return {
+        "grpc": [aggregate(runs["grpc"][cell]) for cell in plan.cells],
+        "http": [aggregate(runs["http"][cell]) for cell in plan.cells],
+        "in_process": [aggregate(runs["in_process"][size]) for size in sizes],
+        "grpc_max_abs_diff_vs_in_process": exact,
+    }
+
+
+def _progress(system: str, cell: dict[str, Any]) -> None:
+    print(
+        f"  {system:>4}: {cell['clients']:>2} clients × {cell['request_size']:>2} images: "
+        f"{cell.get('images_per_s') or 0:6.1f} images/s over {cell['seconds']:5.1f} s",
+        flush=True,
+    )
+
+
+def targets(grid: dict[str, Any], transport_result: dict[str, Any]) -> dict[str, Any]:
+    by_cell = {(c["clients"], c["request_size"]): c for c in grid["grpc"]}
+    # The gRPC cell with the most images in flight (several clients): batches are full there.
+    saturated = max((key for key in by_cell if key[0] > 1), key=lambda key: (key[0] * key[1], key[0]))
+    preferred = next(c for c in grid["in_process"] if c["batch_size"] == PREFERRED_BATCH)
+    costs = transport_result["costs"]
+    out: dict[str, Any] = {
+        "grpc_vs_in_process_at_preferred_batch": {
+            "detail": f"gRPC {saturated[0]} clients × {saturated[1]} images vs in-process batch "
+            f"{PREFERRED_BATCH}",
+            "grpc_mean_batch": by_cell[saturated].get("mean_batch"),
+            "value": by_cell[saturated]["images_per_s"] / preferred["images_per_s"],
+            "target": ">= 0.95",
+        },
+        "transport_cost_http_over_grpc": {"value": costs["http_over_grpc"], "target": ">= 3"},
+        "grpc_lossless_max_abs_diff": {"value": grid["grpc_max_abs_diff_vs_in_process"], "target": "== 0"},
+    }
+    if (8, 4) in by_cell and (1, PREFERRED_BATCH) in by_cell:
+        out["grpc_8x4_over_1x32"] = {
+            "value": by_cell[(8, 4)]["images_per_s"] / by_cell[(1, PREFERRED_BATCH)]["images_per_s"],
+            "target": ">= 0.9",
+        }
+    for entry in out.values():
+        entry["met"] = _met(entry["value"], entry["target"])
+    return out
+
+
+def _met(value: float, target: str) -> bool:
+    op, _, bound = target.partition(" ")
+    return value >= float(bound) if op == ">=" else value == float(bound)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def report(result: dict[str, Any]) -> None:
+    grid = result["grid"]
+    print_table(
+        "In-process scorer.score (no transport), per batch",
+        ["batch", "images/s", "p50 ms", "p99 ms"],
+        [[c["batch_size"], c["images_per_s"], c["p50_ms"], c["p99_ms"]] for c in grid["in_process"]],
+    )
+    in_proc = {c["batch_size"]: c["images_per_s"] for c in grid["in_process"]}
+    http = {(c["clients"], c["request_size"]): c for c in grid["http"]}
+    rows = []
+    for g in grid["grpc"]:
+        key = (g["clients"], g["request_size"])
+        h = http[key]
+        rows.append(
+            [
+                *key,
+                g["images_per_s"],
+                g["p50_ms"],
+                g["p99_ms"],
+                g.get("mean_batch"),
+                None if g.get("model_busy") is None else 100 * g["model_busy"],
+                h["images_per_s"],
+                h["p50_ms"],
+                h["p99_ms"],
+                _ratio(g["images_per_s"], h["images_per_s"]),
+                _ratio(g["images_per_s"], in_proc.get(key[1])),
+            ]
+        )
+    print_table(
+        "gRPC server vs HTTP baseline, closed loop (latency per request in ms; batch = mean executed batch, "
+        "busy = share of the window the model was running)",
+        [
+            *("clients", "imgs/req", "gRPC img/s", "p50", "p99", "batch", "busy %"),
+            *("HTTP img/s", "p50", "p99", "gRPC/HTTP", "gRPC/inproc"),
+        ],
+        rows,
+    )
+    costs = result["transport"]["costs"]
+    print_table(
+        f"Transport per image, ms ({transport.REQUEST_IMAGES}-image requests, model cost 0)",
+        ["path", "encode", "decode", "wire", "total", "kB/image"],
+        [
+            [
+                name,
+                costs[name]["encode_ms"],
+                costs[name]["decode_ms"],
+                costs[name]["wire_ms"],
+                costs[name]["total_ms"],
+                costs[name]["bytes_per_image"] / 1000,
+            ]
+            for name in ("grpc", "http")
+        ],
+        digits=2,
+    )
+    drift = result["transport"]["jpeg_drift"]
+    print(
+        f"\nJPEG q75 score drift: mean |Δ| {drift['mean_abs']:.3g}, max |Δ| {drift['max_abs']:.3g} "
+        f"({drift['mean_abs_over_std']:.3f} × the scores' std); gRPC max |Δ| vs in-process "
+        f"{grid['grpc_max_abs_diff_vs_in_process']:.3g}"
+    )
+    print_table(
+        "Targets",
+        ["target", "value", "wanted", "met"],
+        [[name, t["value"], t["target"], t["met"]] for name, t in result["targets"].items()],
+        digits=3,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a subset of the grid, one pass (~1-2 minutes)")
+    p.add_argument(
+        "--torch-threads", type=int, default=1, help="intra-op threads of every model process (default 1)"
+    )
+    args = p.parse_args(argv)
+    threads = use_torch_threads(args.torch_threads)
+    plan = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    load_before = load_average()
+    pool = synthetic_images(plan.pool_size)
+    params = vision_parameters(bench_clip_scorer())
+    print(f"scorer: CLIP image tower, {params / 1e6:.1f}M parameters; torch threads per model: {threads}")
+    print("transport ...", flush=True)
+    transport_result = run_transport(plan, pool)
+    print(f"grid (HTTP baseline: gunicorn gthread, {THREADS} threads) ...", flush=True)
+    grid = run_grid(plan, pool, np.asarray(transport_result["reference_scores"]))
+    result: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "scorer": {
+            "what": "AestheticScorer on a random-init CLIP (bench.scorers.bench_clip_config)",
+            "parameters_per_image": params,
+            "vision_config": bench_clip_config().vision_config.to_dict(),
+            "image_size": 512,
+        },
+        "torch_threads_per_model_process": threads,
+        "http_baseline": {"server": "gunicorn gthread, 1 worker", "threads": THREADS, "jpeg_quality": 75},
+        "plan": {"passes": plan.passes, "window": vars(plan.window), "cells": [list(c) for c in plan.cells]},
+        "load_average_before": load_before,
+        "transport": transport_result,
+        "grid": grid,
+    }
+    result["targets"] = targets(grid, transport_result)
+    result["load_average_after"] = load_average()
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    report(result)
+    write_results("serving_quick" if args.quick else "serving", result)
+
+
+if __name__ == "__main__":
+    main()
