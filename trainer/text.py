@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_MAX_LENGTH = 77
-
 
 @dataclass
 class Conditioning:
@@ -106,11 +104,11 @@ class SD3TextEncoder:
     # -- CLIP-L: the perturbed encoder ---------------------------------------------------------------
 
     def clip_l_ids(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, 77) CLIP-L input ids, padded and truncated as the pipeline does."""
+        """(B, S) CLIP-L input ids (S = 77 for SD3), padded and truncated as the pipeline does."""
         return self._clip_ids(self.tokenizer, prompts)
 
     def clip_l_token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """E: the CLIP-L token-embedding lookup (before position embeddings), (B, 77, d)."""
+        """E: the CLIP-L token-embedding lookup (before position embeddings), (B, S, d)."""
         return self.text_encoder.text_model.embeddings.token_embedding(input_ids.to(self.device))
 
     def clip_l_pooled(self, input_ids: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
@@ -128,7 +126,7 @@ class SD3TextEncoder:
         clip_l_token_embeds: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> Conditioning:
-        """The SD3 conditioning of ``prompts``; with ``clip_l_token_embeds`` (B, 77, d), CLIP-L is fed
+        """The SD3 conditioning of ``prompts``; with ``clip_l_token_embeds`` (B, S, d), CLIP-L is fed
         those token embeddings instead of its own lookup (CLIP-G and T5 are never perturbed)."""
         prompts = list(prompts)
         ids_l = self.clip_l_ids(prompts)
@@ -151,7 +149,7 @@ class SD3TextEncoder:
         return tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=CLIP_MAX_LENGTH,
+            max_length=tokenizer.model_max_length,  # the pipeline's own length (77 for SD3)
             truncation=True,
             return_tensors="pt",
         ).input_ids

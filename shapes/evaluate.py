@@ -1,0 +1,306 @@
+"""GenEval-shapes of a shapes model: sample the test prompts, detect, score with the GenEval rules.
+
+    python -m shapes.evaluate [--model DIR] [--steps 40] [--out grid.png] [--seed S] [--record]
+
+Sampling is the deterministic Euler ODE of SD3's pipeline with no classifier-free guidance: the
+scheduler's own σ grid after ``set_timesteps`` (shift included), x ← x + (σ_{i+1} − σ_i)·v(x, σ_i·1000).
+Images are detected by the exact ``ShapesDetector`` and judged by the GenEval rule engine of
+``services.geneval`` — the rules the GenEval reward service applies, with this world's detector. The metric
+is the original GenEval correctness per image, averaged per tag; "overall" is the mean of the six tag means,
+as GenEval reports it.
+
+Prompts: the test split of ``split_prompts`` (the split seed the model was pretrained with, from its
+manifest). Each prompt gets ``images_per_prompt`` images (GenEval: 4), and prompts of tags with few test
+prompts get more so that every tag has at least ``min_images_per_tag`` images. ``--record`` stores the result
+in the model's manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from PIL import Image, ImageDraw
+
+from services.geneval.metadata import parse_metadata
+from services.geneval.rules import Detection
+from services.geneval.rules import evaluate as geneval_evaluate
+from shapes.detector import Detections, ShapesDetector
+from shapes.model import MANIFEST, ShapesModel, load_shapes_model, read_manifest, to_uint8
+from shapes.pretrain import reexec_with_passive_openmp
+from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
+from shapes.vocab import CLASSES, TAGS
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """How the prior is measured. Defaults are the recorded evaluation's."""
+
+    num_steps: int = 40
+    """Euler steps (E2PO Table 3: 40 inference steps)."""
+    images_per_prompt: int = 4
+    """Images per test prompt (GenEval: 4)."""
+    min_images_per_tag: int = 64
+    """Tags with few test prompts (single_object has 1) get more images per prompt until the tag has this
+    many, so every tag mean rests on enough samples."""
+    seed: int = 0
+    """Seeds the initial noise; image k of the evaluation always starts from the same noise."""
+    batch_size: int = 128
+    """Images per transformer call (memory only; the noise does not depend on it)."""
+    num_threads: int = 2
+    """torch intra-op threads."""
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    """GenEval-shapes of one model."""
+
+    per_tag: dict[str, float]
+    """Tag → fraction of images judged correct (original GenEval metric)."""
+    overall: float
+    """Mean of the six tag means."""
+    strict_per_tag: dict[str, float]
+    """Tag → fraction of images whose every include clause matched exactly (the rules' ``strict``)."""
+    reward_per_tag: dict[str, float]
+    """Tag → mean partial-credit reward (the RL training reward)."""
+    num_images: dict[str, int]
+    """Tag → images evaluated."""
+    config: EvalConfig
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = [f"{'tag':<14} {'images':>6} {'geneval':>8} {'strict':>7} {'reward':>7}"]
+        for tag in self.per_tag:
+            lines.append(
+                f"{tag:<14} {self.num_images[tag]:>6} {self.per_tag[tag]:>8.3f} "
+                f"{self.strict_per_tag[tag]:>7.3f} {self.reward_per_tag[tag]:>7.3f}"
+            )
+        lines.append(f"{'overall':<14} {sum(self.num_images.values()):>6} {self.overall:>8.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 1)
+        return out
+
+
+@torch.no_grad()
+def sample_euler(
+    transformer: SD3Transformer2DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
+    """Deterministic flow ODE from σ = 1 to 0: (B, C, H, W) noise → x0, no guidance.
+
+    Uses ``scheduler.sigmas`` / ``scheduler.timesteps`` after ``set_timesteps`` (shifted grid, final σ = 0)
+    and the update of ``FlowMatchEulerDiscreteScheduler.step``, in float32.
+    """
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    sigmas = scheduler.sigmas
+    x = noise.float()
+    for i, t in enumerate(scheduler.timesteps):
+        v = transformer(
+            hidden_states=x.to(transformer.dtype),
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=t.expand(x.shape[0]),
+        ).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+    return x
+
+
+def to_rule_detections(found: Detections) -> dict[str, list[Detection]]:
+    """The shapes detector's output in the rule engine's type."""
+    return {
+        cls: [Detection(box=d.box, score=d.score, mask=d.mask, color=d.color) for d in dets]
+        for cls, dets in found.items()
+    }
+
+
+def heldout_records(split_seed: int) -> list[Metadata]:
+    return split_prompts(PromptSplitConfig(), split_seed)[1]
+
+
+def expand_records(records: Sequence[Metadata], config: EvalConfig) -> list[Metadata]:
+    """One entry per image: each record repeated, prompts of small tags more often (see ``EvalConfig``)."""
+    per_tag = {tag: sum(r["tag"] == tag for r in records) for tag in TAGS}
+    out: list[Metadata] = []
+    for record in records:
+        repeats = max(config.images_per_prompt, math.ceil(config.min_images_per_tag / per_tag[record["tag"]]))
+        out.extend([record] * repeats)
+    return out
+
+
+def generate(model: ShapesModel, prompts: Sequence[str], config: EvalConfig) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of ``prompts``; image k starts from the k-th draw of the seeded noise."""
+    size = model.image_size
+    generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(len(prompts), 3, size, size, generator=generator)
+    images = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), config.batch_size):
+            chunk = list(prompts[start : start + config.batch_size])
+            prompt_embeds, pooled = model.encode_prompt(chunk)
+            x0 = sample_euler(
+                model.transformer,
+                model.scheduler,
+                noise[start : start + len(chunk)],
+                prompt_embeds,
+                pooled,
+                config.num_steps,
+            )
+            images.append(to_uint8(x0))
+    return np.concatenate(images)
+
+
+def score_images(
+    images: np.ndarray, records: Sequence[Metadata], config: EvalConfig, *, seconds: float = 0.0
+) -> tuple[EvalResult, list[bool]]:
+    """GenEval-shapes of ``images`` (N, H, W, 3) against their ``records``; also the per-image verdicts."""
+    detections = ShapesDetector().detect_batch(images)
+    results = [
+        geneval_evaluate(parse_metadata(r, known_classes=CLASSES), to_rule_detections(d))
+        for r, d in zip(records, detections, strict=True)
+    ]
+    tags = [tag for tag in TAGS if any(r["tag"] == tag for r in records)]
+
+    def mean_of(field: str, tag: str) -> float:
+        return float(np.mean([getattr(res, field) for res in results if res.tag == tag]))
+
+    per_tag = {tag: mean_of("correct", tag) for tag in tags}
+    result = EvalResult(
+        per_tag=per_tag,
+        overall=float(np.mean(list(per_tag.values()))),
+        strict_per_tag={tag: mean_of("strict", tag) for tag in tags},
+        reward_per_tag={tag: mean_of("score", tag) for tag in tags},
+        num_images={tag: sum(res.tag == tag for res in results) for tag in tags},
+        config=config,
+        seconds=seconds,
+    )
+    return result, [res.correct for res in results]
+
+
+def evaluate_model(
+    model: ShapesModel, records: Sequence[Metadata], config: EvalConfig
+) -> tuple[EvalResult, np.ndarray, list[Metadata], list[bool]]:
+    """Sample, detect and score; returns (result, images, the record of each image, each image's verdict)."""
+    started = time.monotonic()
+    expanded = expand_records(records, config)
+    images = generate(model, [r["prompt"] for r in expanded], config)
+    result, correct = score_images(images, expanded, config, seconds=time.monotonic() - started)
+    return result, images, expanded, correct
+
+
+def sample_grid(
+    images: np.ndarray,
+    records: Sequence[Metadata],
+    correct: Sequence[bool],
+    *,
+    columns: int = 8,
+    scale: int = 4,
+) -> Image.Image:
+    """One row per tag: the first image of its first ``columns`` distinct prompts, upscaled, captioned and
+    framed green (correct) or red."""
+    cell = images.shape[1] * scale
+    caption_lines, line_height, pad = 4, 11, 4
+    rows = []
+    for tag in TAGS:
+        seen: set[str] = set()
+        picks = []
+        for i, r in enumerate(records):
+            if r["tag"] == tag and r["prompt"] not in seen:
+                seen.add(r["prompt"])
+                picks.append(i)
+        if picks:
+            rows.append(picks[:columns])
+    width = columns * (cell + 2 * pad)
+    height = len(rows) * (cell + 2 * pad + caption_lines * line_height)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, picks in enumerate(rows):
+        top = row * (cell + 2 * pad + caption_lines * line_height)
+        for col, i in enumerate(picks):
+            left = col * (cell + 2 * pad)
+            frame = (0, 160, 0) if correct[i] else (200, 0, 0)
+            draw.rectangle([left, top, left + cell + 2 * pad - 1, top + cell + 2 * pad - 1], fill=frame)
+            tile = Image.fromarray(images[i]).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (left + pad, top + pad))
+            text = records[i]["prompt"].removeprefix("a photo of ")
+            for k, line in enumerate(textwrap.wrap(text, width=22)[:caption_lines]):
+                draw.text((left + 2, top + cell + 2 * pad + k * line_height), line, fill="black")
+    return grid
+
+
+def record_in_manifest(model_dir: Path, result: EvalResult) -> None:
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ValueError(f"{model_dir} has no {MANIFEST} to record the result in.")
+    manifest["prior_eval"] = result.to_dict()
+    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reexec_with_passive_openmp("shapes.evaluate", argv)
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
+    parser.add_argument("--steps", type=int, default=defaults.num_steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
+    parser.add_argument("--min-images-per-tag", type=int, default=defaults.min_images_per_tag)
+    parser.add_argument("--threads", type=int, default=defaults.num_threads)
+    parser.add_argument("--out", type=Path, default=None, help="sample-grid PNG to write")
+    parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--record", action="store_true", help="store the result in the model's manifest")
+    args = parser.parse_args(argv)
+    config = EvalConfig(
+        num_steps=args.steps,
+        seed=args.seed,
+        images_per_prompt=args.images_per_prompt,
+        min_images_per_tag=args.min_images_per_tag,
+        num_threads=args.threads,
+    )
+    torch.set_num_threads(config.num_threads)
+    manifest = read_manifest(args.model) or {}
+    split_seed = manifest.get("pretrain", {}).get("split_seed", 0)
+    model = load_shapes_model(args.model)
+    result, images, records, correct = evaluate_model(model, heldout_records(split_seed), config)
+    print(result.table())
+    print(
+        f"({sum(result.num_images.values())} images, {config.num_steps} Euler steps, seed {config.seed}, "
+        f"{result.seconds:.0f} s)"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(images, records, correct).save(args.out)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    recorded = manifest.get("prior_eval")
+    if recorded is not None:
+        gap = result.overall - recorded["overall"]
+        print(f"recorded overall {recorded['overall']:.3f}; this run differs by {gap:+.3f}")
+    if args.record:
+        record_in_manifest(args.model, result)
+
+
+if __name__ == "__main__":
+    main()
