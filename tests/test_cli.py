@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from protos import reward_pb2, reward_pb2_grpc
+from services.client import RewardClient
 from services.core.codec import encode_raw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ def serve(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     try:
         line = proc.stdout.readline()
@@ -158,3 +160,27 @@ def test_serve_rejects_bad_flags() -> None:
         env={**os.environ},
     )
     assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
+
+
+@pytest.mark.slow  # each case is a fresh interpreter importing torch and the model's library
+@pytest.mark.parametrize(
+    ("scorer", "outputs", "group_outputs"),
+    [
+        ("pickscore", ["pickscore", "pickscore/raw"], []),
+        ("hps", ["hps"], []),
+        ("imagereward", ["imagereward"], []),
+        ("dino", ["dino/mean_distance_to_group"], ["dino/diversity", "pvs"]),
+    ],
+)
+def test_each_scorer_is_served_from_the_command_line(
+    scorer: str, outputs: list[str], group_outputs: list[str]
+) -> None:
+    async def describe(endpoint: str):
+        async with RewardClient(endpoint) as client:
+            return await client.describe()
+
+    with serve(scorer, "--tiny") as (proc, endpoint):
+        info = asyncio.run(asyncio.wait_for(describe(endpoint), 60))
+        assert (info.name, list(info.outputs), list(info.group_outputs)) == (scorer, outputs, group_outputs)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,34 +157,3 @@ def test_registry_builds_tiny_and_refuses_ambiguous_requests() -> None:
     assert scorer.identity.group_outputs == ("dino/diversity", "pvs")
     with pytest.raises(ValueError, match="exactly one"):
         build_scorer("dino")
-
-
-@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~5-10 s on 2 busy cores
-def test_served_from_the_command_line() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.serve", "dino", "--tiny", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), proc.stderr.read() if proc.poll() is not None else line
-        endpoint = line.split("listening on ", 1)[1].strip()
-
-        async def describe():
-            async with RewardClient(endpoint) as client:
-                return await client.describe()
-
-        info = asyncio.run(asyncio.wait_for(describe(), 30))
-        assert (info.name, list(info.group_outputs)) == ("dino", ["dino/diversity", "pvs"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,34 +171,3 @@ def test_build_needs_exactly_one_of_tiny_or_checkpoint(tmp_path: Path) -> None:
         build_scorer("hps")
     with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt"):
         build_scorer("hps", checkpoint=str(tmp_path))  # a directory without the file; no download
-
-
-@pytest.mark.slow  # a fresh interpreter importing torch + open_clip: ~5-10 s on 2 busy cores
-def test_served_from_the_command_line() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.serve", "hps", "--tiny", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), proc.stderr.read() if proc.poll() is not None else line
-        endpoint = line.split("listening on ", 1)[1].strip()
-
-        async def describe():
-            async with RewardClient(endpoint) as client:
-                return await client.describe()
-
-        info = run(describe(), 30)
-        assert (info.name, list(info.outputs)) == ("hps", ["hps"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
