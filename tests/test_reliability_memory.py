@@ -125,6 +125,9 @@ def test_server_pixel_budget_refuses_with_a_retry_hint_and_frees_on_answer_and_c
                 stub = reward_pb2_grpc.RewardServiceStub(channel)
                 meta = (("x-e2po-client", "a"),)
                 held = asyncio.ensure_future(stub.Score(_bombs(2, bomb, "held"), metadata=meta, timeout=30))
+                # "held" must be inside the (gated) model before "queued" is sent, or the two may race.
+                while budget.used < 2 * SIDE * SIDE or server.batcher.queued_images() > 0:
+                    await asyncio.sleep(0.01)
                 queued = stub.Score(_bombs(2, bomb, "queued"), metadata=meta, timeout=30)
                 queued_task = asyncio.ensure_future(queued)
                 while budget.used < 4 * SIDE * SIDE:

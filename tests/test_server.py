@@ -323,7 +323,9 @@ def test_health_not_serving_while_loading_and_during_drain_and_drain_loses_nothi
             asyncio.ensure_future(stub.Score(reward_pb2.ScoreRequest(samples=[sample(v)]), timeout=30))
             for v in range(5)
         ]
-        await asyncio.sleep(0.2)
+        # Wait until all five are accepted (their decoded pixels are reserved), then drain.
+        while server.servicer.pixel_budget.used < 5 * 4 * 4:
+            await asyncio.sleep(0.01)
         drain = asyncio.ensure_future(server.drain())
         await asyncio.sleep(0.2)
         watcher = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
