@@ -67,7 +67,9 @@ def parse_endpoint(text: str) -> RewardSpec:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The run's config (a preset, or the resumed run's saved one) with the command line applied."""
     if args.resume is not None:
+        # --resume takes the run directory or one of its checkpoints (RUN/checkpoints/iter-N).
         run_dir = args.resume if (args.resume / "config.json").exists() else args.resume.parent.parent
         cfg = TrainConfig.load(run_dir / "config.json")
         for item in args.set:
@@ -82,10 +84,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         cfg.run.out = args.out
     if args.reward_endpoint:
         cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
-    run_dir = args.resume if args.resume is not None else Path(cfg.run.out)
-    if args.resume is not None and not (run_dir / "config.json").exists():
-        run_dir = run_dir.parent.parent
-    return cfg, run_dir
+    return cfg, run_dir if args.resume is not None else Path(cfg.run.out)
 
 
 def pick_device(name: str) -> torch.device:
