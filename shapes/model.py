@@ -43,6 +43,11 @@ from shapes.text import (
 from shapes.tokenizer import END_OF_TEXT, write_clip_tokenizer_files
 
 MANIFEST = "manifest.json"
+SHAPES_MAX_LENGTH = 16
+"""CLIP context of the shapes model. SD3 pads to 77, but the longest shapes prompt is 12 tokens with SOS/EOS,
+and every padding token also runs through the joint transformer: 16 trains 1.4× faster than 77 on 2 cores
+(0.110 vs 0.151 s per batch-16 step) with the same information. Padding stays in the layout (SD3's
+transformer attends to it), only shorter."""
 NUM_CHANNELS = 3
 """RGB in pixel space."""
 
@@ -70,9 +75,11 @@ class ShapesModelConfig:
     joint_attention_dim: int = 128
     """Width of ``prompt_embeds``. The CLIP-L + CLIP-G token width is zero-padded up to it, as SD3 pads 2048
     to T5's 4096."""
-    clip_l: ClipTextConfig = field(default_factory=ClipTextConfig)
-    """CLIP-L role encoder (the one E2PO perturbs), SD3's 77-token context."""
-    clip_g: ClipTextConfig = field(default_factory=lambda: ClipTextConfig(hidden_act="gelu"))
+    clip_l: ClipTextConfig = field(default_factory=lambda: ClipTextConfig(max_length=SHAPES_MAX_LENGTH))
+    """CLIP-L role encoder (the one E2PO perturbs)."""
+    clip_g: ClipTextConfig = field(
+        default_factory=lambda: ClipTextConfig(hidden_act="gelu", max_length=SHAPES_MAX_LENGTH)
+    )
     """CLIP-G role encoder (gelu like OpenCLIP bigG; pads with "!" like SD3's second tokenizer)."""
     shift: float = 1.0
     """Timestep shift of the flow-matching scheduler, σ' = shift·σ / (1 + (shift − 1)·σ). SD3 trains its 256²

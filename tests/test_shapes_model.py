@@ -238,6 +238,32 @@ def test_frozen_text_encoders_are_not_updated():
         assert torch.equal(value, before[key]), key
 
 
+def test_exported_weights_are_the_warmed_up_ema_of_the_trained_ones():
+    trainer = pretrain.Pretrainer(small_pretrain_config(ema_decay=0.6))
+    name, param = next(iter(trainer.model.transformer.named_parameters()))
+    expected = param.detach().clone()
+    for step in range(3):
+        trainer.step()
+        decay = min(0.6, (1 + step) / (10 + step))  # 0.1, 0.18…, 0.25 during warm-up, capped at 0.6
+        expected = decay * expected + (1 - decay) * param.detach()
+    averaged = dict(trainer.averaged_model().transformer.named_parameters())[name]
+    torch.testing.assert_close(averaged, expected)
+    assert not torch.equal(averaged, param)  # the live model keeps its own weights
+
+
+def test_captions_are_drawn_by_tag_with_weights_by_prompt_count():
+    prompts = pretrain.Pretrainer(small_pretrain_config()).prompts
+    counts = np.array([len(indices) for indices in prompts.by_tag], dtype=float)
+    np.testing.assert_allclose(prompts.tag_probabilities(1.0), counts / counts.sum())
+    np.testing.assert_allclose(prompts.tag_probabilities(0.0), np.full(len(counts), 1 / len(counts)))
+    half = prompts.tag_probabilities(0.5)
+    np.testing.assert_allclose(half, np.sqrt(counts) / np.sqrt(counts).sum())
+    picks = prompts.draw(20_000, np.random.default_rng(0), tag_weight_exponent=0.5)
+    tag_of = {i: t for t, indices in enumerate(prompts.by_tag) for i in indices}
+    frequencies = np.bincount([tag_of[int(i)] for i in picks], minlength=len(counts)) / len(picks)
+    np.testing.assert_allclose(frequencies, half, atol=0.015)
+
+
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     config = small_pretrain_config(checkpoint_every_s=0.0)
     straight = pretrain.train(config, tmp_path / "straight", resume=False, command="straight", progress=False)
@@ -308,11 +334,25 @@ def test_shipped_weights_match_their_manifest(shipped):
 
 
 @pytest.mark.xfail(
-    strict=True, reason="the shipped prior scores 0.026 on held-out GenEval-shapes, below the 0.2 target"
+    strict=True, reason="the shipped prior scores 0.138 on held-out GenEval-shapes, below the 0.2 target"
 )
 def test_shipped_prior_is_imperfect_but_in_range(shipped):
     _, manifest = shipped
     assert 0.2 <= manifest["prior_eval"]["overall"] <= 0.7
+
+
+def test_shipped_directory_opens_as_a_diffusers_sd3_pipeline(shipped):
+    model, _ = shipped
+    # The files are float16; load_shapes_model computes in float32, so ask diffusers for the same.
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        SHIPPED, vae=None, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+    )
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=0
+    )
+    ours = model.encode_prompt(PROMPTS)
+    torch.testing.assert_close(embeds, ours[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, ours[1], atol=1e-6, rtol=0)
 
 
 def test_shipped_model_generates_and_scores(shipped):
@@ -326,6 +366,7 @@ def test_shipped_model_generates_and_scores(shipped):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 1 minute on 2 idle cores; far more when the CPU is shared
 def test_shipped_prior_score_reproduces(shipped):
     model, manifest = shipped
     recorded = manifest["prior_eval"]
