@@ -1,9 +1,15 @@
-"""Evaluate a run: ``python -m trainer.evaluate --run DIR [--steps 40] [--num-prompts N]``.
+"""Evaluate a run: ``python -m trainer.evaluate --run DIR [--steps 40] [--samples-per-prompt 4]``.
 
 Samples the held-out prompts with the EMA policy by a deterministic 40-step ODE (no CFG), scores them
 with every reward of the run (started locally unless endpoints are given), reports the GenEval
 correctness per tag and its six-tag mean when a GenEval reward is present, and writes
 ``eval/results.json``, ``eval/table.md`` and a sample grid ``eval/grid.png``.
+
+Each prompt gets ``--samples-per-prompt`` images (GenEval: 4); prompts of tags with few held-out prompts
+get more, so that every tag has at least ``--min-images-per-tag`` images (a tag with one prompt would
+otherwise be judged on four images). With two or more images per prompt the diversity of each prompt's
+samples is reported too: pixel distance always, layout diversity from the exact detector in the shapes
+world.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import json
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import RolloutConfig, TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
-from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, use_adapter
+from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, merge_adapter, use_adapter
 from trainer.prompts import Record, load_records, reward_metadata
 from trainer.rewards import RewardSet
 from trainer.rollout import sample, sample_sigmas
@@ -41,12 +47,11 @@ def generate(
     steps: int,
     sampler: str,
     seed: int,
-    samples_per_prompt: int = 1,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """uint8 images (N·n, 3, H, W) from the active adapter, record-major (n per record, seeded noise)."""
+    """uint8 images (N, 3, H, W) from the active adapter, one per record, from noise seeded by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    expanded = [r for r in records for _ in range(samples_per_prompt)]
+    expanded = list(records)
     noise = torch.randn((len(expanded), *model.sample_shape), generator=generator)
     sigmas = sample_sigmas(model, steps)
     config = RolloutConfig(num_steps=steps, sampler=sampler)
@@ -63,9 +68,20 @@ def generate(
     return torch.cat(images)
 
 
-def diversity(images: torch.Tensor, samples_per_prompt: int, *, layouts: bool) -> dict[str, float]:
-    """Mean per-prompt pixel diversity, and layout diversity from the exact shapes detector if asked."""
-    groups = images.split(samples_per_prompt)
+def samples_per_record(records: list[Record], samples_per_prompt: int, min_images_per_tag: int) -> list[int]:
+    """Images for each record: ``samples_per_prompt``, or more where its tag has too few prompts to reach
+    ``min_images_per_tag`` images (the same count for every prompt of a tag)."""
+    prompts_per_tag = Counter(str(r.get("tag", "")) for r in records)
+    return [
+        max(samples_per_prompt, math.ceil(min_images_per_tag / prompts_per_tag[str(r.get("tag", ""))]))
+        for r in records
+    ]
+
+
+def diversity(images: torch.Tensor, counts: list[int], *, layouts: bool) -> dict[str, float]:
+    """Mean per-prompt pixel diversity over ``images`` grouped by ``counts`` (record-major), and layout
+    diversity from the exact shapes detector if asked."""
+    groups = images.split(counts)
     out = {"diversity/pixel_rms": float(np.mean([pixel_diversity(g) for g in groups]))}
     if layouts:
         from shapes.detector import ShapesDetector
@@ -125,6 +141,45 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def evaluate_model(
+    model: FlowModel,
+    cfg: TrainConfig,
+    records: list[Record],
+    *,
+    steps: int,
+    seed: int,
+    samples_per_prompt: int = 1,
+    min_images_per_tag: int = 0,
+) -> tuple[dict[str, Any], torch.Tensor, list[Record]]:
+    """Sample, score and summarise ``records`` with the model's active adapter.
+
+    Returns the summary, the uint8 images and the record of each image (record-major)."""
+    counts = samples_per_record(records, samples_per_prompt, min_images_per_tag)
+    expanded = [r for r, n in zip(records, counts, strict=True) for _ in range(n)]
+    images = generate(model, expanded, steps=steps, sampler=cfg.rollout.sampler, seed=seed)
+    rewards = RewardSet(cfg.reward)
+    try:
+        await rewards.start()
+        rewards.submit(
+            torch.arange(len(expanded)),
+            images,
+            [r["prompt"] for r in expanded],
+            [reward_metadata(r) for r in expanded],
+        )
+        chunks = await rewards.collect()
+    finally:
+        await rewards.close()
+    outputs: dict[str, list[np.ndarray]] = defaultdict(list)
+    for chunk in sorted(chunks, key=lambda c: int(c.indices[0])):
+        for name, values in chunk.outputs.items():
+            outputs[name].append(np.asarray(values))
+    summary = summarise(expanded, {name: np.concatenate(v) for name, v in outputs.items()})
+    if min(counts) >= 2:
+        summary.update(diversity(images, counts, layouts=cfg.model.path == "shapes"))
+    summary["images"] = len(expanded)
+    return summary, images, expanded
+
+
 async def evaluate(
     cfg: TrainConfig,
     run_dir: Path | None,
@@ -134,8 +189,10 @@ async def evaluate(
     seed: int,
     use_ema: bool,
     samples_per_prompt: int = 1,
+    min_images_per_tag: int = 0,
     out: Path | None = None,
 ) -> dict[str, Any]:
+    """Evaluate the run's EMA (or θ) weights, or the base model without ``run_dir``; write ``out``."""
     model = load_model(cfg.model, pick_device(cfg.run.device))
     if run_dir is not None:
         path = ckpt.resolve(run_dir)
@@ -149,27 +206,22 @@ async def evaluate(
             {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
         )
     use_adapter(model.transformer, POLICY)
+    merge_adapter(model.transformer, POLICY)
     records = load_records(cfg.data.test, "test")[:num_prompts]
-    images = generate(model, records, steps=steps, sampler=cfg.rollout.sampler, seed=seed)
-    rewards = RewardSet(cfg.reward)
-    try:
-        await rewards.start()
-        rewards.submit(
-            torch.arange(len(records)),
-            images,
-            [r["prompt"] for r in records],
-            [reward_metadata(r) for r in records],
-        )
-        chunks = await rewards.collect()
-    finally:
-        await rewards.close()
-    outputs = {name: values for chunk in chunks for name, values in chunk.outputs.items()}
-    summary = summarise(records, outputs)
-    out = (run_dir or Path(cfg.run.out)) / "eval"
+    summary, images, expanded = await evaluate_model(
+        model,
+        cfg,
+        records,
+        steps=steps,
+        seed=seed,
+        samples_per_prompt=samples_per_prompt,
+        min_images_per_tag=min_images_per_tag,
+    )
+    out = out or (run_dir or Path(cfg.run.out)) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(summary))
-    write_grid(images, [r["prompt"] for r in records], out / "grid.png")
+    write_grid(images, [r["prompt"] for r in expanded], out / "grid.png")
     return summary
 
 
@@ -182,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate θ instead of its EMA")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="> 1 also reports per-prompt diversity")
+    p.add_argument(
+        "--min-images-per-tag",
+        type=int,
+        default=64,
+        help="prompts of sparse tags get more images until each tag has this many (0: off)",
+    )
     p.add_argument("--out", type=Path, help="output directory (default RUN/eval)")
     p.add_argument("--reward-endpoint", action="append", default=[])
     args = p.parse_args(argv)
@@ -201,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts,
             seed=args.seed,
             use_ema=not args.no_ema,
+            samples_per_prompt=args.samples_per_prompt,
+            min_images_per_tag=args.min_images_per_tag,
+            out=args.out,
         )
     )
     print(markdown_table(summary), end="")

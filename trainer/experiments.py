@@ -1,6 +1,6 @@
 """The shapes-world study of E2PO vs DiffusionNFT at equal samples per prompt (paper Fig. 2/5/6/7, Table 1).
 
-    python -m trainer.experiments reproduce [--seeds 3] [--iterations 40] [--out runs/reproduce]
+    python -m trainer.experiments reproduce [--seeds 3] [--iterations 25] [--out runs/reproduce]
     python -m trainer.experiments report [--out runs/reproduce] [--doc docs/results.md]
 
 ``reproduce`` runs every arm as an ordinary ``python -m trainer.run`` (so what is measured is the
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument(
         "--seeds", type=int, default=3, help="seeds for the main comparison (ablations use seed 0)"
     )
-    rep.add_argument("--iterations", type=int, default=40)
+    rep.add_argument(
+        "--iterations", type=int, default=25, help="per run (25 × ~20 s: main study ≈ 1 h on 2 cores)"
+    )
     rep.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt")
     rep.add_argument("--only", choices=["main", "ablations", "all"], default="all")
     rep.add_argument("--arm", action="append", default=[], help="run only these arms (by name)")

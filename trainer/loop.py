@@ -138,7 +138,8 @@ class Trainer:
         bar = tqdm(
             total=cfg.iterations,
             initial=self.iteration,
-            desc="E2PO",
+            # K = 1 is the DiffusionNFT baseline: say so, so two runs side by side are told apart.
+            desc="E2PO" if self.config.rollout.num_conditions > 1 else "DiffusionNFT",
             disable=not self.accelerator.is_main_process,
         )
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.config import ModelConfig
@@ -157,6 +158,18 @@ def use_adapter(transformer: SD3Transformer2DModel, name: str) -> None:
     for pname, param in transformer.named_parameters():
         if "lora_" in pname:
             param.requires_grad_(f".{POLICY}." in pname)
+
+
+@torch.no_grad()
+def merge_adapter(transformer: SD3Transformer2DModel, name: str) -> None:
+    """Fold adapter ``name`` into the base weights, for inference only (evaluation).
+
+    A merged layer runs only its base matmul: on the shapes model an unmerged LoRA forward costs about 2.6×
+    the base one on CPU. The result equals the unmerged forward up to float rounding; training must not
+    continue on a merged model (θ would count twice)."""
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[name])
 
 
 def adapter_named_params(transformer: SD3Transformer2DModel, name: str) -> dict[str, torch.nn.Parameter]:
