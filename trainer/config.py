@@ -225,8 +225,9 @@ def shapes() -> TrainConfig:
     cfg.reward.rewards = [
         RewardSpec(name="geneval", output="geneval/score", local_args=("--detector", "shapes"))
     ]
-    # Sized for `make demo`: about ten minutes on two CPU cores.
-    cfg.run = RunConfig(preset="shapes", iterations=12, out="runs/shapes", checkpoint_every=4, device="cpu")
+    # Sized for `make demo`: ~19 s an iteration on two idle cores, so 20 iterations take about 7 minutes
+    # (13 at the 40 s seen on a loaded machine) -- long enough for the reward to move (docs/results.md).
+    cfg.run = RunConfig(preset="shapes", iterations=20, out="runs/shapes", checkpoint_every=5, device="cpu")
     return cfg
 
 

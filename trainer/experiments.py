@@ -40,6 +40,11 @@ MAIN = (
     Arm("e2po", "E2PO (G=4, K=4)"),
 )
 ABLATIONS = (
+    # Perturbation size: the preset's relative max-norm 0.2 leaves cos-to-anchor ≈ 0.92 (above μ = 0.8) and
+    # moves images by ~0.005 RMS at a shared noise (docs/results.md); larger bounds test whether E2PO
+    # helps once its perturbations change what is generated.
+    Arm("norm-1.0", "E2PO max-norm 1.0 (relative)", overrides=("perturb.max_norm=1.0",)),
+    Arm("norm-0.5", "E2PO max-norm 0.5 (relative)", overrides=("perturb.max_norm=0.5",)),
     Arm("gk-1x16", "E2PO G=1, K=16", overrides=("rollout.num_noises=1", "rollout.num_conditions=16")),
     Arm("gk-2x8", "E2PO G=2, K=8", overrides=("rollout.num_noises=2", "rollout.num_conditions=8")),
     Arm("gk-8x2", "E2PO G=8, K=2", overrides=("rollout.num_noises=8", "rollout.num_conditions=2")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,37 @@ def load_runs(out: Path, arm: Any) -> list[dict[str, Any]]:
         if not results.exists() or not metrics.exists():
             continue
         wall = directory / "wall.json"
+        rewards = directory / "rewards.jsonl"
         runs.append(
             {
                 "seed": int(directory.name.removeprefix("seed-")),
                 "metrics": [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()],
                 "eval": json.loads(results.read_text()),
                 "wall": json.loads(wall.read_text())["seconds"] if wall.exists() else float("nan"),
+                "equal_across_k": equal_across_conditions(rewards) if rewards.exists() else float("nan"),
             }
         )
     return runs
+
+
+def equal_across_conditions(rewards_jsonl: Path) -> float:
+    """Fraction of (iteration, prompt, noise) cells whose K samples all got the same reward.
+
+    The G×K grid shares each noise across the K conditions; when the perturbations do not change what is
+    generated enough to change the reward, a cell contributes one reward K times and the group has fewer
+    effective samples than G·K. NaN for K = 1 (no cells with two conditions)."""
+    cells: dict[tuple[int, str, int], set[float]] = defaultdict(set)
+    sizes: dict[tuple[int, str, int], int] = defaultdict(int)
+    for line in rewards_jsonl.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            key = (row["iteration"], row["prompt"], row["noise"])
+            cells[key].add(row["reward"])
+            sizes[key] += 1
+    multi = [key for key, n in sizes.items() if n > 1]
+    if not multi:
+        return float("nan")
+    return sum(len(cells[key]) == 1 for key in multi) / len(multi)
 
 
 def curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +131,8 @@ def eval_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
 def training_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
     lines = [
         "| method | reward (first 5 it.) | reward (last 5 it.) | zero-std (first 5) | zero-std (last 5) | "
-        "group std (last 5) | held-out GenEval | wall / run |",
-        "|" + " --- |" * 8,
+        "group std (last 5) | cos to anchor | same reward across K | held-out GenEval | wall / run |",
+        "|" + " --- |" * 10,
     ]
     for label, runs in groups.values():
         first = [float(np.mean([row["reward_mean"] for row in r["metrics"][:5]])) for r in runs]
@@ -118,6 +141,8 @@ def training_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
             f"| {label} | {_mean_std(first)} | {_mean_std(_tail(runs, 'reward_mean'))} | "
             f"{_mean_std(first_zero)} | "
             f"{_mean_std(_tail(runs, 'zero_std_ratio'))} | {_mean_std(_tail(runs, 'group_std_mean'))} | "
+            f"{_mean_std(_tail(runs, 'perturb/cos_anchor_mean', last=len(runs[0]['metrics'])))} | "
+            f"{_mean_std([r['equal_across_k'] for r in runs])} | "
             f"{_mean_std([r['eval'].get('geneval/overall', np.nan) for r in runs])} | "
             f"{np.mean([r['wall'] for r in runs]) / 60:.1f} min |"
         )
