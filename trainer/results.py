@@ -47,19 +47,16 @@ def equal_across_conditions(rewards_jsonl: Path) -> float:
 
     The G×K grid shares each noise across the K conditions; when the perturbations do not change what is
     generated enough to change the reward, a cell contributes one reward K times and the group has fewer
-    effective samples than G·K. NaN for K = 1 (no cells with two conditions)."""
-    cells: dict[tuple[int, str, int], set[float]] = defaultdict(set)
-    sizes: dict[tuple[int, str, int], int] = defaultdict(int)
-    for line in rewards_jsonl.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            key = (row["iteration"], row["prompt"], row["noise"])
-            cells[key].add(row["reward"])
-            sizes[key] += 1
-    multi = [key for key, n in sizes.items() if n > 1]
-    if not multi:
+    effective samples than G·K. Samples are numbered prompt-major, (prompt·G + noise)·K + condition, so a
+    cell is sample // K (a prompt drawn twice in one iteration still gives two cells). NaN for K = 1."""
+    rows = [json.loads(line) for line in rewards_jsonl.read_text().splitlines() if line.strip()]
+    num_conditions = 1 + max((row["condition"] for row in rows), default=0)
+    if num_conditions < 2:
         return float("nan")
-    return sum(len(cells[key]) == 1 for key in multi) / len(multi)
+    cells: dict[tuple[int, int], set[float]] = defaultdict(set)
+    for row in rows:
+        cells[row["iteration"], row["sample"] // num_conditions].add(row["reward"])
+    return sum(len(rewards) == 1 for rewards in cells.values()) / len(cells)
 
 
 def curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +105,12 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def _tail(runs: list[dict[str, Any]], key: str, last: int = 5) -> list[float]:
-    return [float(np.nanmean([row.get(key, np.nan) for row in r["metrics"][-last:]])) for r in runs]
+    """Per run, the mean of ``key`` over its last ``last`` iterations (NaN where it was never logged)."""
+    out = []
+    for run in runs:
+        values = [row[key] for row in run["metrics"][-last:] if key in row]
+        out.append(float(np.mean(values)) if values else float("nan"))
+    return out
 
 
 def eval_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
