@@ -13,9 +13,9 @@ Rewards (the preset's GenEval service with the exact shapes detector) are served
   ``python -m bench.reward_server geneval-shapes --sleep-per-image S``;
 * embedded: a RewardServer inside the trainer's own process and event loop.
 Injected latency pads scoring to 0 / 50 / 100 % of the measured rollout time (a sleep, so it costs no CPU;
-:class:`bench.scorers.SleepingScorer`). The preset samples all 128 samples of an iteration in one chunk, so
-scoring cannot overlap sampling; the ``chunk 16`` rows sample in chunks of 16 to show the overlap the
-trainer is built for.
+:class:`bench.scorers.SleepingScorer`). The preset samples an iteration's 128 samples in chunks of 16, each
+scored while the next is sampled; the ``chunk 128`` rows sample everything in one chunk, so scoring cannot
+overlap sampling, to show what the chunking buys.
 
 Writes ``bench/results/trainer.json`` (``trainer_quick.json`` with ``--quick``).
 """
@@ -55,7 +55,7 @@ class Case:
     injected: float
     """Scoring time of an iteration as a fraction of its rollout time (0 = the real scorer's own cost)."""
     chunk: int | None = None
-    """Rollout chunk size; None = the preset's (all samples at once)."""
+    """Rollout chunk size; None = the preset's (16)."""
 
     @property
     def name(self) -> str:
@@ -65,13 +65,13 @@ class Case:
 
 FULL = (
     *(Case(serving=s, injected=f) for f in (0.0, 0.5, 1.0) for s in ("separate process", "embedded")),
-    Case(serving="separate process", injected=1.0, chunk=16),
-    Case(serving="embedded", injected=1.0, chunk=16),
+    Case(serving="separate process", injected=1.0, chunk=128),
+    Case(serving="embedded", injected=1.0, chunk=128),
 )
 QUICK = (
     Case(serving="separate process", injected=0.0),
     Case(serving="embedded", injected=0.0),
-    Case(serving="embedded", injected=1.0, chunk=16),
+    Case(serving="embedded", injected=1.0),
 )
 
 QUICK_PROMPTS = 2
