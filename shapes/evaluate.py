@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import textwrap
 import time
@@ -34,6 +33,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image, ImageDraw
 
 from services.geneval.metadata import parse_metadata
+from services.geneval.prompts import images_per_record
 from services.geneval.rules import Detection
 from services.geneval.rules import evaluate as geneval_evaluate
 from shapes.detector import Detections, ShapesDetector
@@ -139,12 +139,8 @@ def heldout_records(split_seed: int) -> list[Metadata]:
 
 def expand_records(records: Sequence[Metadata], config: EvalConfig) -> list[Metadata]:
     """One entry per image: each record repeated, prompts of small tags more often (see ``EvalConfig``)."""
-    per_tag = {tag: sum(r["tag"] == tag for r in records) for tag in TAGS}
-    out: list[Metadata] = []
-    for record in records:
-        repeats = max(config.images_per_prompt, math.ceil(config.min_images_per_tag / per_tag[record["tag"]]))
-        out.extend([record] * repeats)
-    return out
+    counts = images_per_record(records, config.images_per_prompt, config.min_images_per_tag)
+    return [record for record, n in zip(records, counts, strict=True) for _ in range(n)]
 
 
 def generate(model: ShapesModel, prompts: Sequence[str], config: EvalConfig) -> np.ndarray:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from services.core.server import ServerConfig
+from services.geneval.prompts import images_per_record
 from tests.conftest import MeanPixelScorer, running_server
 from tests.tiny_sd3 import tiny_model
 from trainer.config import RewardSpec, build_config
-from trainer.evaluate import evaluate_model, samples_per_record
+from trainer.evaluate import evaluate_model
 from trainer.model import POLICY, merge_adapter, use_adapter
 
 RECORDS = [
@@ -25,11 +26,11 @@ RECORDS = [
 
 
 def test_sparse_tags_get_more_samples_per_prompt():
-    assert samples_per_record(RECORDS, 1, 0) == [1, 1, 1, 1]
-    assert samples_per_record(RECORDS, 4, 0) == [4, 4, 4, 4]
+    assert images_per_record(RECORDS, 1, 0) == [1, 1, 1, 1]
+    assert images_per_record(RECORDS, 4, 0) == [4, 4, 4, 4]
     # 7 images per tag: colours has 3 prompts (ceil(7/3) = 3 each), counting one (7).
-    assert samples_per_record(RECORDS, 2, 7) == [3, 3, 3, 7]
-    assert samples_per_record(RECORDS, 4, 7) == [4, 4, 4, 7]
+    assert images_per_record(RECORDS, 2, 7) == [3, 3, 3, 7]
+    assert images_per_record(RECORDS, 4, 7) == [4, 4, 4, 7]
 
 
 def _pairwise_rms(images: torch.Tensor) -> float:
@@ -55,7 +56,7 @@ def test_evaluate_model_scores_every_image_once_in_order(samples: int, min_per_t
             )
 
     summary, images, expanded = asyncio.run(run())
-    counts = samples_per_record(RECORDS, samples, min_per_tag)
+    counts = images_per_record(RECORDS, samples, min_per_tag)
     assert summary["images"] == len(images) == len(expanded) == sum(counts)
     expected = [r["prompt"] for r, n in zip(RECORDS, counts, strict=True) for _ in range(n)]
     assert [r["prompt"] for r in expanded] == expected

@@ -19,13 +19,14 @@ import asyncio
 import json
 import math
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from services.geneval.prompts import images_per_record
 from trainer import checkpoint as ckpt
 from trainer.config import RolloutConfig, TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
@@ -66,16 +67,6 @@ def generate(
         )
         images.append((model.decode(x0) * 255).round().to(torch.uint8).cpu())
     return torch.cat(images)
-
-
-def samples_per_record(records: list[Record], samples_per_prompt: int, min_images_per_tag: int) -> list[int]:
-    """Images for each record: ``samples_per_prompt``, or more where its tag has too few prompts to reach
-    ``min_images_per_tag`` images (the same count for every prompt of a tag)."""
-    prompts_per_tag = Counter(str(r.get("tag", "")) for r in records)
-    return [
-        max(samples_per_prompt, math.ceil(min_images_per_tag / prompts_per_tag[str(r.get("tag", ""))]))
-        for r in records
-    ]
 
 
 def diversity(images: torch.Tensor, counts: list[int], *, layouts: bool) -> dict[str, float]:
@@ -154,7 +145,7 @@ async def evaluate_model(
     """Sample, score and summarise ``records`` with the model's active adapter.
 
     Returns the summary, the uint8 images and the record of each image (record-major)."""
-    counts = samples_per_record(records, samples_per_prompt, min_images_per_tag)
+    counts = images_per_record(records, samples_per_prompt, min_images_per_tag)
     expanded = [r for r, n in zip(records, counts, strict=True) for _ in range(n)]
     images = generate(model, expanded, steps=steps, sampler=cfg.rollout.sampler, seed=seed)
     rewards = RewardSet(cfg.reward)

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,19 @@ class PromptSpace:
     @property
     def colorable(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c not in self.uncolored_classes)
+
+
+def images_per_record(
+    records: Sequence[Record], images_per_prompt: int, min_images_per_tag: int
+) -> list[int]:
+    """Images to generate for each record: ``images_per_prompt`` (GenEval: 4), or more where the record's tag
+    has too few prompts to reach ``min_images_per_tag`` images (the same count for every prompt of a tag),
+    so that no tag mean rests on a handful of images."""
+    prompts_per_tag = Counter(str(r.get("tag", "")) for r in records)
+    return [
+        max(images_per_prompt, math.ceil(min_images_per_tag / prompts_per_tag[str(r.get("tag", ""))]))
+        for r in records
+    ]
 
 
 def with_article(phrase: str) -> str:
