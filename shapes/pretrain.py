@@ -426,6 +426,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--freeze-text-encoders", action="store_true", help="keep both CLIP encoders at their random init"
     )
     parser.add_argument("--shift", type=float, default=defaults.model.shift)
+    parser.add_argument("--num-layers", type=int, default=defaults.model.num_layers)
+    parser.add_argument(
+        "--num-heads", type=int, default=defaults.model.num_attention_heads, help="width = heads × 64"
+    )
+    parser.add_argument("--patch-size", type=int, default=defaults.model.patch_size)
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     parser.add_argument("--resume", action="store_true", help="continue DIR/resume.pt")
     parser.add_argument("--no-progress", action="store_true")
@@ -440,7 +445,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         t_sampling=args.t_sampling,
         train_text_encoders=not args.freeze_text_encoders,
         num_threads=args.threads,
-        model=ShapesModelConfig(shift=args.shift),
+        model=ShapesModelConfig(
+            shift=args.shift,
+            num_layers=args.num_layers,
+            num_attention_heads=args.num_heads,
+            patch_size=args.patch_size,
+            # SD3.5's dual-attention blocks are the first half of the stack.
+            dual_attention_layers=tuple(range(args.num_layers // 2)),
+        ),
     )
     command = shlex.join(["python", "-m", "shapes.pretrain", *(a for a in argv if a != "--resume")])
     manifest = train(config, args.out, resume=args.resume, command=command, progress=not args.no_progress)

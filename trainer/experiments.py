@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +118,11 @@ def reproduce(out: Path, plan: list[tuple[Arm, list[int]]], iterations: int, eva
                 if (directory / "eval" / "results.json").exists():
                     print(f"[done] {arm.name} seed {seed}", flush=True)
                     continue
-                started = time.time()
                 print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
                 subprocess.run(train_command(arm, seed, iterations, directory, endpoint), check=True)
                 subprocess.run(
                     eval_command(directory, endpoint, eval_samples), check=True, stdout=subprocess.DEVNULL
                 )
-                wall = directory / "wall.json"
-                previous = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-                wall.write_text(json.dumps({"seconds": previous + time.time() - started}) + "\n")
     finally:
         service.stop()
 
