@@ -1,6 +1,7 @@
 """Pretrain the shapes model with SD3's flow-matching objective on freshly rendered scenes.
 
     python -m shapes.pretrain --out DIR [--steps N] [--batch-size B] [--seed S] [--resume]
+                              [--num-layers L] [--num-heads H] [--patch-size P]
 
 Every step renders a new batch of train-split scenes (``shapes.prompts.split_prompts``; the test prompts are
 never seen) and takes one AdamW step on SD3's rectified-flow loss (REFERENCE.md §1):

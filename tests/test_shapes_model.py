@@ -300,6 +300,18 @@ def test_resume_refuses_another_configuration(tmp_path):
         other.load_state_dict(trainer.state_dict())
 
 
+def test_command_line_architecture_reaches_the_saved_transformer(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main() would otherwise re-exec the interpreter
+    out = tmp_path / "model"
+    flags = ["--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress"]
+    pretrain.main(["--out", str(out), *flags, "--num-layers", "2", "--num-heads", "1", "--patch-size", "8"])
+    saved = json.loads((out / "transformer" / "config.json").read_text())
+    assert (saved["num_layers"], saved["num_attention_heads"], saved["patch_size"]) == (2, 1, 8)
+    assert saved["dual_attention_layers"] == [0]  # the first half of the blocks, as SD3.5-M
+    command = read_manifest(out)["command"]
+    assert "--num-heads 1" in command and "--patch-size 8" in command
+
+
 # Evaluation and the shipped weights -------------------------------------------------------------------------
 
 
