@@ -1,7 +1,7 @@
 """Pretrain the shapes model with SD3's flow-matching objective on freshly rendered scenes.
 
     python -m shapes.pretrain --out DIR [--steps N] [--batch-size B] [--seed S] [--resume]
-                              [--num-layers L] [--num-heads H] [--patch-size P]
+                              [--num-layers L] [--num-heads H] [--patch-size P] [--object-size MIN MAX]
 
 Every step renders a new batch of train-split scenes (``shapes.prompts.split_prompts``; the test prompts are
 never seen) and takes one AdamW step on SD3's rectified-flow loss (REFERENCE.md §1):
@@ -47,6 +47,7 @@ from shapes.model import (
 )
 from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
 from shapes.render import render
+from shapes.scene import SceneConfig
 from shapes.vocab import TAGS
 
 CHECKPOINT = "resume.pt"
@@ -103,6 +104,8 @@ class PretrainConfig:
     """torch intra-op threads (the CPU budget of the run)."""
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
     """Architecture."""
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    """How training scenes are laid out and drawn (object sizes, gaps); part of what the prior learns."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -230,7 +233,7 @@ class Pretrainer:
         picks = self.prompts.draw(
             config.batch_size, self.scene_rng, tag_weight_exponent=config.tag_weight_exponent
         )
-        images = np.stack([render(self.prompts.records[i], self.scene_rng) for i in picks])
+        images = np.stack([render(self.prompts.records[i], self.scene_rng, self.config.scene) for i in picks])
         x0 = from_uint8(images)
         noise = torch.randn(x0.shape, generator=self.noise_rng)
         sigmas = sample_sigmas(
@@ -432,6 +435,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--num-heads", type=int, default=defaults.model.num_attention_heads, help="width = heads × 64"
     )
     parser.add_argument("--patch-size", type=int, default=defaults.model.patch_size)
+    lo, hi = defaults.scene.object_size_range()
+    parser.add_argument(
+        "--object-size",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=(lo, hi),
+        help=f"side range of rendered training objects in pixels (default {lo} {hi})",
+    )
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     parser.add_argument("--resume", action="store_true", help="continue DIR/resume.pt")
     parser.add_argument("--no-progress", action="store_true")
@@ -453,6 +465,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             patch_size=args.patch_size,
             # SD3.5's dual-attention blocks are the first half of the stack.
             dual_attention_layers=tuple(range(args.num_layers // 2)),
+        ),
+        scene=SceneConfig(
+            image_size=defaults.model.image_size,
+            object_size_frac=(
+                args.object_size[0] / defaults.model.image_size,
+                args.object_size[1] / defaults.model.image_size,
+            ),
         ),
     )
     command = shlex.join(["python", "-m", "shapes.pretrain", *(a for a in argv if a != "--resume")])

@@ -30,7 +30,8 @@ class SceneConfig:
     """Side of the square RGB image in pixels."""
     object_size_frac: tuple[float, float] = (6 / 32, 10 / 32)
     """Inclusive range of an object's side as a fraction of ``image_size``: 6–10 px at 32 px, small enough
-    that four objects or a clear two-object relation always fit, large enough that classes stay distinct."""
+    that four objects or a clear two-object relation always fit, large enough that classes stay distinct.
+    The shipped prior was trained on these; 9–13 px scenes gave a somewhat better prior (docs/shapes.md)."""
     min_gap_px: int = 1
     """Empty pixels kept between any two objects' boxes (Chebyshev distance), so 8-connected components never
     merge and detection is exact."""

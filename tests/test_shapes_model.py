@@ -304,12 +304,15 @@ def test_command_line_architecture_reaches_the_saved_transformer(tmp_path, monke
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main() would otherwise re-exec the interpreter
     out = tmp_path / "model"
     flags = ["--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress"]
-    pretrain.main(["--out", str(out), *flags, "--num-layers", "2", "--num-heads", "1", "--patch-size", "8"])
+    architecture = ["--num-layers", "2", "--num-heads", "1", "--patch-size", "8", "--object-size", "9", "13"]
+    pretrain.main(["--out", str(out), *flags, *architecture])
     saved = json.loads((out / "transformer" / "config.json").read_text())
     assert (saved["num_layers"], saved["num_attention_heads"], saved["patch_size"]) == (2, 1, 8)
     assert saved["dual_attention_layers"] == [0]  # the first half of the blocks, as SD3.5-M
-    command = read_manifest(out)["command"]
-    assert "--num-heads 1" in command and "--patch-size 8" in command
+    manifest = read_manifest(out)
+    assert "--num-heads 1" in manifest["command"] and "--object-size 9 13" in manifest["command"]
+    # SceneConfig keeps object sides as fractions of the image side.
+    assert manifest["pretrain"]["scene"]["object_size_frac"] == [9 / 32, 13 / 32]
 
 
 # Evaluation and the shipped weights -------------------------------------------------------------------------
