@@ -203,8 +203,9 @@ def targets(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Reward wait ≤ 5 % of the iteration when scoring is no slower than rollout (injected ≤ 100 %), for
     the trainer as configured: the one-chunk rows are a contrast showing why the preset submits rewards
     chunk by chunk, not a setting the target is about (they stay in ``per_case``)."""
-    rows = {c["case"]: c["reward_wait_fraction"] for c in cases if c["injected_fraction_of_rollout"] <= 1.0}
-    preset = {c["case"]: rows[c["case"]] for c in cases if c["case"] in rows and c["rollout_chunk"] is None}
+    within = [c for c in cases if c["injected_fraction_of_rollout"] <= 1.0]
+    rows = {c["case"]: c["reward_wait_fraction"] for c in within}
+    preset = {c["case"]: c["reward_wait_fraction"] for c in within if c["rollout_chunk"] is None}
     worst = max(preset, key=preset.get)
     return {
         "reward_wait_fraction_worst": {

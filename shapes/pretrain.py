@@ -467,11 +467,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             dual_attention_layers=tuple(range(args.num_layers // 2)),
         ),
         scene=SceneConfig(
-            image_size=defaults.model.image_size,
-            object_size_frac=(
-                args.object_size[0] / defaults.model.image_size,
-                args.object_size[1] / defaults.model.image_size,
-            ),
+            image_size=defaults.scene.image_size,
+            object_size_frac=tuple(side / defaults.scene.image_size for side in args.object_size),
         ),
     )
     command = shlex.join(["python", "-m", "shapes.pretrain", *(a for a in argv if a != "--resume")])
