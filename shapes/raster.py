@@ -68,28 +68,10 @@ def _triangle(width: int, height: int) -> np.ndarray:
     return _centred_runs(apex + 2 * steps, width)
 
 
-def _arm(side: int) -> int:
-    """Bar thickness of the cross: the value nearest side/3 with the parity of ``side``, so the bar is
-    centred."""
-    candidates = np.arange(2 - side % 2, side + 1, 2)
-    return int(candidates[np.argmin(np.abs(candidates - side / 3))])
-
-
-def _cross(width: int, height: int) -> np.ndarray:
-    # A plus sign: vertical bar of width ~w/3 and horizontal bar of height ~h/3, both centred.
-    mask = np.zeros((height, width), dtype=bool)
-    arm_w, arm_h = _arm(width), _arm(height)
-    x0, y0 = (width - arm_w) // 2, (height - arm_h) // 2
-    mask[:, x0 : x0 + arm_w] = True
-    mask[y0 : y0 + arm_h, :] = True
-    return mask
-
-
 _BUILDERS: dict[str, Callable[[int, int], np.ndarray]] = {
     "circle": _circle,
     "square": _square,
     "triangle": _triangle,
-    "cross": _cross,
 }
 
 

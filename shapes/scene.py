@@ -19,7 +19,7 @@ from shapes.relations import holds_only, relation_components
 from shapes.vocab import CLASSES, COLOR_NAMES, RELATIONS, TAGS
 
 MIN_OBJECT_SIZE = 5
-"""Smallest side in pixels at which the four shape classes still rasterise to different masks."""
+"""Smallest side in pixels at which the shape classes still rasterise to different masks."""
 
 
 @dataclass(kw_only=True)
@@ -28,10 +28,11 @@ class SceneConfig:
 
     image_size: int = 32
     """Side of the square RGB image in pixels."""
-    object_size_frac: tuple[float, float] = (6 / 32, 10 / 32)
-    """Inclusive range of an object's side as a fraction of ``image_size``: 6–10 px at 32 px, small enough
-    that four objects or a clear two-object relation always fit, large enough that classes stay distinct.
-    The shipped prior was trained on these; 9–13 px scenes gave a somewhat better prior (docs/shapes.md)."""
+    object_size_frac: tuple[float, float] = (9 / 32, 13 / 32)
+    """Inclusive range of an object's side as a fraction of ``image_size``: 9–13 px at 32 px, small enough
+    that four objects or a clear two-object relation always fit, large enough that a model patching the image
+    into 4×4 tokens can still draw the corners that separate the classes (6–10 px priors rounded squares into
+    circles; docs/shapes.md)."""
     min_gap_px: int = 1
     """Empty pixels kept between any two objects' boxes (Chebyshev distance), so 8-connected components never
     merge and detection is exact."""

@@ -425,7 +425,7 @@ def test_serve_parses_scorer_options_and_keeps_other_scorers_working() -> None:
 
 
 def test_serve_geneval_from_the_shell() -> None:
-    record = shapes_prompts.color_attr("triangle", "green", "cross", "white")
+    record = shapes_prompts.color_attr("triangle", "green", "circle", "white")
     with serve("geneval", "--detector", "shapes") as (_, endpoint):
 
         async def main() -> dict:
@@ -498,7 +498,7 @@ def test_prompts_cli_writes_and_validates(tmp_path: Path, capsys: pytest.Capture
     assert prompts_main(["--validate", str(bad)]) == 2
     # Shapes-world metadata is GenEval metadata too, over other classes.
     shapes_file = tmp_path / "shapes.jsonl"
-    shapes_file.write_text(json.dumps(shapes_prompts.counting("cross", 2)) + "\n")
+    shapes_file.write_text(json.dumps(shapes_prompts.counting("triangle", 2)) + "\n")
     assert prompts_main(["--validate", str(shapes_file)]) == 2
     assert prompts_main(["--validate", str(shapes_file), "--any-class"]) == 0
     assert len(read_metadata_jsonl(shapes_file)) == 1

@@ -145,8 +145,8 @@ def test_render_other_image_size_is_detected_exactly():
         {"tag": "position", "include": [{"class": "circle", "count": 1, "position": ["left of", 0]}]},
         {
             "tag": "counting",
-            "include": [{"class": "cross", "count": 2}],
-            "exclude": [{"class": "cross", "count": 2}],
+            "include": [{"class": "triangle", "count": 2}],
+            "exclude": [{"class": "triangle", "count": 2}],
         },
         {"tag": "nonsense", "include": [{"class": "circle", "count": 1}]},
     ],
@@ -268,12 +268,12 @@ def test_label_components_matches_breadth_first_search():
 
 def test_prompt_wording_follows_geneval():
     assert prompts.single_object("circle")["prompt"] == "a photo of a circle"
-    assert prompts.two_object("square", "cross")["prompt"] == "a photo of a square and a cross"
-    assert prompts.counting("cross", 3) == {
+    assert prompts.two_object("square", "triangle")["prompt"] == "a photo of a square and a triangle"
+    assert prompts.counting("triangle", 3) == {
         "tag": "counting",
-        "include": [{"class": "cross", "count": 3}],
-        "exclude": [{"class": "cross", "count": 4}],
-        "prompt": "a photo of three crosses",
+        "include": [{"class": "triangle", "count": 3}],
+        "exclude": [{"class": "triangle", "count": 4}],
+        "prompt": "a photo of three triangles",
     }
     assert prompts.colors("triangle", "orange")["prompt"] == "a photo of an orange triangle"
     assert prompts.position("circle", "right of", "square") == {
