@@ -58,8 +58,9 @@ class PretrainConfig:
     """One pretraining run. Defaults are the shipped model's run (docs/shapes.md)."""
 
     steps: int = 16000
-    """Optimiser steps: 29 min on 2 idle cores (0.11 s a step). Held-out GenEval-shapes rose from 0.129 at
-    8,000 steps to 0.138 at 16,000 while the loss fell from 0.047 to 0.040, so more steps buy little now."""
+    """Optimiser steps: 33 min on 2 idle cores (0.12 s a step). In the four-class world held-out
+    GenEval-shapes rose only from 0.129 at 8,000 steps to 0.138 at 16,000 while the loss fell from 0.047 to
+    0.040, so more steps buy little."""
     batch_size: int = 16
     """Scenes per step, each rendered fresh. At equal compute 16 reached a lower loss than 32 (0.068 after
     2,400 steps vs 0.077 after 1,200)."""
