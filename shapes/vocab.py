@@ -33,7 +33,8 @@ would have to drop one of GenEval's colours) and stays at least 143 from every p
 brown)."""
 
 CLASSES: Final[tuple[str, ...]] = ("circle", "square", "triangle")
-"""Shape classes, distinguishable by mask shape down to ``shapes.scene.MIN_OBJECT_SIZE`` (see ``shapes.raster``).
+"""Shape classes, distinguishable by mask shape down to ``shapes.scene.MIN_OBJECT_SIZE`` px (see
+``shapes.raster``).
 
 An earlier world also had a cross. Priors pretrained with it almost never drew one at 32 px (a cross alone in
 1 of 20 held-out images) and confused the other classes more, so a quarter of every tag's prompts was
