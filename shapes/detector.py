@@ -37,7 +37,7 @@ class DetectorConfig:
     colours; a blend half-way between an object colour and the background is 110+ from both and falls out."""
     min_area: int = 8
     """Components with fewer pixels are ignored (speckle in generated images). The smallest shape the scene
-    layout draws, a 9 px triangle, has about 45 pixels; a 5 px one still has 15."""
+    layout draws, a 9 px triangle, has 49 pixels; a 5 px one still has 17."""
     max_aspect_ratio: float = 1.5
     """Components whose box is more elongated than this (long side / short side) are not any class: rendered
     shapes are square, and a stretched blob (e.g. two merged shapes) should not count as one."""

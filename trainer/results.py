@@ -16,9 +16,13 @@ from trainer.evaluate import GENEVAL_TAGS
 CURVES = (
     # Symmetric log: the ratio is often exactly 0, which a log axis cannot show; linear below 0.05, which
     # is below the smallest non-zero ratio of an 8-prompt iteration (1/8).
-    ("zero_std_ratio", "zero-std ratio (fraction of prompt groups with identical rewards)", "symlog"),
-    ("group_std_mean", "mean group reward std", "log"),
-    ("reward_mean", "training reward (GenEval-shapes partial credit)", "linear"),
+    (
+        "zero_std_ratio",
+        "zero-std ratio (fraction of prompt groups with identical rewards)",
+        {"value": "symlog", "linthresh": 0.05},
+    ),
+    ("group_std_mean", "mean group reward std", {"value": "log"}),
+    ("reward_mean", "training reward (GenEval-shapes partial credit)", {"value": "linear"}),
 )
 
 
@@ -82,7 +86,7 @@ def plot_curves(groups: dict[str, tuple[str, list[dict[str, Any]]]], path: Path)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5.2 * len(CURVES), 3.6))
-    for ax, (key, title, scale) in zip(axes, CURVES, strict=True):
+    for ax, (key, title, yscale) in zip(axes, CURVES, strict=True):
         for label, runs in groups.values():
             xs, ys = curve(runs, key)
             mean = np.nanmean(ys, axis=0)
@@ -91,10 +95,7 @@ def plot_curves(groups: dict[str, tuple[str, list[dict[str, Any]]]], path: Path)
                 ax.fill_between(
                     xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), alpha=0.2, color=line.get_color()
                 )
-        if scale == "symlog":
-            ax.set_yscale("symlog", linthresh=0.05)
-        else:
-            ax.set_yscale(scale)
+        ax.set_yscale(**yscale)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
