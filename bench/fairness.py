@@ -4,8 +4,8 @@
 
 The small client sends 4-image requests one at a time; the flooder keeps two 64-image requests in flight
 under another client name. Each pass measures the small client alone, then under the flood. Servers: our
-gRPC server with the default ``max_batch_images`` (32) and with 8 (shorter batches, less waiting behind
-the running one), and the HTTP baseline, which has no per-client queues. Writes
+gRPC server with the default ``max_batch_images`` (32) and with 8 and 4 (shorter batches, less waiting
+behind the running one), and the HTTP baseline, which has no per-client queues. Writes
 ``bench/results/fairness.json`` (``fairness_quick.json`` with ``--quick``).
 """
 
@@ -41,7 +41,7 @@ class Plan:
     passes: int
 
 
-FULL = Plan(servers=("grpc-batch32", "grpc-batch8", "http"), phase_s=12.0, passes=2)
+FULL = Plan(servers=("grpc-batch32", "grpc-batch8", "grpc-batch4", "http"), phase_s=12.0, passes=2)
 QUICK = Plan(servers=("grpc-batch32",), phase_s=5.0, passes=1)
 
 

@@ -21,17 +21,17 @@ import torch
 from bench.http_pickle_baseline import HttpClient, decode_request, encode_request
 from bench.load import PROMPT
 from protos import reward_pb2
-from services.client import RewardClient
-from services.core.codec import ImageLimits, as_hwc_uint8, decode_image, encode_raw, to_chw_tensor
+from services.client import RewardClient, encode_samples
+from services.core.codec import ImageLimits, decode_image, to_chw_tensor
 from services.core.scorer import ScoreBatch, Scorer
+from services.core.wire import serialize_request
 
 REQUEST_IMAGES = 32
 
 
 def grpc_encode(images: np.ndarray) -> bytes:
-    """What the gRPC client does per request: raw RGB8 samples in a ScoreRequest, serialised."""
-    samples = [reward_pb2.Sample(image=encode_raw(as_hwc_uint8(image)), prompt=PROMPT) for image in images]
-    return reward_pb2.ScoreRequest(samples=samples).SerializeToString()
+    """What the gRPC client does per request: raw RGB8 samples written as ScoreRequest bytes."""
+    return serialize_request(encode_samples(images, PROMPT, None, None))
 
 
 def grpc_decode(body: bytes) -> list[torch.Tensor]:

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from protos import reward_pb2, reward_pb2_grpc
-from services.core.codec import as_hwc_uint8, encode_file_bytes, encode_raw
+from services.core.codec import as_hwc_uint8, encode_file_bytes
 from services.core.packing import pack_groups
+from services.core.wire import SCORE_METHOD, EncodedSample, encode_sample, serialize_request
 
 RETRY_AFTER_KEY = "retry-after-ms"
 CLIENT_KEY = "x-e2po-client"
@@ -127,6 +128,10 @@ class RewardClient:
         else:
             self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        # Score requests are serialised by services.core.wire (one copy of the pixels) and sent as bytes.
+        self._score_bytes = self._channel.unary_unary(
+            SCORE_METHOD, request_serializer=None, response_deserializer=reward_pb2.ScoreResponse.FromString
+        )
         self._info: reward_pb2.ModelInfo | None = None
 
     async def __aenter__(self) -> RewardClient:
@@ -159,26 +164,27 @@ class RewardClient:
         ``prompts`` is one prompt per image, or a single string for all of them.
         """
         deadline = _deadline(timeout_s if timeout_s is not None else self.timeout_s)
-        samples = await asyncio.to_thread(_build_samples, images, prompts, metadata, group_ids)
+        samples = await asyncio.to_thread(encode_samples, images, prompts, metadata, group_ids)
         info = self._info or await self._call(self._stub.Describe, reward_pb2.DescribeRequest(), deadline)
         self._info = info
         max_bytes = min(self.max_chunk_bytes, int(info.max_request_bytes * 0.9) or self.max_chunk_bytes)
         parts = pack_groups(
             [s.group_id for s in samples],
             max_count=info.max_images_per_request or len(samples),
-            weights=[s.ByteSize() for s in samples],
+            weights=[s.size for s in samples],
             max_weight=max_bytes,
         )
-        responses = await asyncio.gather(
-            *(self._score_part([samples[i] for i in part], deadline) for part in parts)
+        # All parts are serialised before the first is sent: the caller's arrays are read only during
+        # this step, and a retry re-sends the same bytes.
+        requests = await asyncio.to_thread(
+            lambda: [serialize_request([samples[i] for i in part]) for part in parts]
         )
+        responses = await asyncio.gather(*(self._score_part(request, deadline) for request in requests))
         return _merge(parts, responses, len(samples))
 
-    async def _score_part(
-        self, samples: list[reward_pb2.Sample], deadline: float | None
-    ) -> reward_pb2.ScoreResponse:
+    async def _score_part(self, request: bytes, deadline: float | None) -> reward_pb2.ScoreResponse:
         async with self._semaphore:
-            return await self._call(self._stub.Score, reward_pb2.ScoreRequest(samples=samples), deadline)
+            return await self._call(self._score_bytes, request, deadline)
 
     async def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
         """One RPC with retries on UNAVAILABLE / RESOURCE_EXHAUSTED until attempts or deadline run out."""
@@ -217,12 +223,13 @@ def _retry_hint(err: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
-def _build_samples(
+def encode_samples(
     images: Sequence[ImageLike] | ImageLike,
     prompts: Sequence[str] | str,
     metadata: Sequence[Mapping[str, Any] | str | None] | None,
     group_ids: Sequence[str] | None,
-) -> list[reward_pb2.Sample]:
+) -> list[EncodedSample]:
+    """Check a score call's arguments and encode each image with its fields as a raw-RGB8 sample."""
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
         raise ValueError("pass a batch (B, ...) or a list of images, not a single 3-D image")
     count = len(images)
@@ -237,13 +244,11 @@ def _build_samples(
     for i in range(count):
         meta = metadata[i] if metadata is not None else None
         samples.append(
-            reward_pb2.Sample(
-                image=encode_raw(as_hwc_uint8(images[i])),
-                prompt=prompts[i],
-                metadata_json=meta
-                if isinstance(meta, str)
-                else (json.dumps(meta) if meta is not None else ""),
-                group_id=group_ids[i] if group_ids is not None else "",
+            encode_sample(
+                as_hwc_uint8(images[i]),
+                prompts[i],
+                meta if isinstance(meta, str) else (json.dumps(meta) if meta is not None else ""),
+                group_ids[i] if group_ids is not None else "",
             )
         )
     return samples
