@@ -58,16 +58,28 @@ def _read_line_with_prefix(proc: subprocess.Popen, prefix: str, timeout_s: float
 
 
 @contextlib.contextmanager
-def reward_server(args: Sequence[str], timeout_s: float = 300.0) -> Iterator[ServedEndpoint]:
-    """``python -m bench.reward_server ARGS`` for the duration of the block."""
-    cmd = [sys.executable, "-m", "bench.reward_server", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def _listening_child(module: str, args: Sequence[str], timeout_s: float) -> Iterator[list[str]]:
+    """``python -m MODULE ARGS`` for the duration of the block; yields its "listening on ..." line, split."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True)
     try:
-        line = _read_line_with_prefix(proc, "listening on ", timeout_s)
-        _, _, endpoint, _, metrics = line.split()
-        yield ServedEndpoint(endpoint=endpoint, metrics_port=int(metrics))
+        yield _read_line_with_prefix(proc, "listening on ", timeout_s).split()
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def reward_server(args: Sequence[str], timeout_s: float = 300.0) -> Iterator[ServedEndpoint]:
+    """``python -m bench.reward_server ARGS`` for the duration of the block."""
+    with _listening_child("bench.reward_server", args, timeout_s) as words:
+        _, _, endpoint, _, metrics = words
+        yield ServedEndpoint(endpoint=endpoint, metrics_port=int(metrics))
+
+
+@contextlib.contextmanager
+def grpc_floor_server(timeout_s: float = 60.0) -> Iterator[str]:
+    """``python -m bench.grpc_floor`` (gRPC alone, no reward server) for the block; yields its endpoint."""
+    with _listening_child("bench.grpc_floor", (), timeout_s) as words:
+        yield words[2]
 
 
 @contextlib.contextmanager

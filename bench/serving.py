@@ -9,7 +9,8 @@ CLIP image tower at 224 px behind the aesthetic head, fed 512² images):
 2. the gRPC server (child process) under 1/4/8/16 closed-loop clients × 1/4/16 images per request, plus one
    client × 32: images/s, p50/p99 latency, mean executed batch (from the server's Prometheus histogram);
 3. the HTTP baseline (gunicorn child, :mod:`bench.http_pickle_baseline`) on the same grid;
-4. transport cost per image (encode / decode / wire) and score drift (:mod:`bench.transport`).
+4. transport cost per image (encode / decode / wire) and score drift (:mod:`bench.transport`), with the same
+   request bytes sent through gRPC alone as the floor (:mod:`bench.grpc_floor`).
 
 Both servers run for the whole grid and every cell is measured on both back to back, in alternating order,
 in each of ``passes`` passes, so a change in the machine's background load hits both alike. Clients run in
@@ -29,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import transport
+from bench import grpc_floor, transport
 from bench.common import free_port, load_average, print_table, use_torch_threads, write_results
 from bench.http_pickle_baseline import THREADS, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import WindowConfig, aggregate, grpc_cell, http_cell, in_process_cell
-from bench.processes import reward_server
+from bench.processes import grpc_floor_server, reward_server
 from bench.scorers import bench_clip_config, bench_clip_scorer, vision_parameters
 from services.core.batcher import BatcherConfig
 from services.core.scorer import ScoreBatch
@@ -87,14 +88,25 @@ def run_transport(plan: Plan, pool: np.ndarray) -> dict[str, Any]:
     scorer = bench_clip_scorer()
     reference = transport.in_process_scores(scorer, images)
     codec = transport.codec_costs(images, plan.transport_repeats)
-    trips: dict[str, list[float]] = {"grpc": [], "http": []}
-    with reward_server(["null"]) as served, gunicorn_server(free_port(), "null") as url:
+    trips: dict[str, list[float]] = {"grpc": [], "http": [], "grpc_floor": []}
+    body = transport.grpc_encode(images)
+    with (
+        reward_server(["null"]) as served,
+        gunicorn_server(free_port(), "null") as url,
+        grpc_floor_server() as floor,
+    ):
         for _ in range(plan.transport_alternations):
             trips["grpc"].append(
                 asyncio.run(transport.grpc_round_trip_ms(served.endpoint, images, plan.transport_repeats))
             )
             trips["http"].append(transport.http_round_trip_ms(url, images, plan.transport_repeats))
-    table = transport.transport_table(codec, {k: float(np.median(v)) for k, v in trips.items()})
+            trips["grpc_floor"].append(
+                asyncio.run(grpc_floor.round_trip_ms(floor, body, len(images), plan.transport_repeats))
+            )
+    medians = {k: float(np.median(v)) for k, v in trips.items()}
+    table = transport.transport_table(codec, {k: medians[k] for k in ("grpc", "http")})
+    # The same request bytes through gRPC alone: how much of the gRPC path's wire share is gRPC's own.
+    table["grpc_floor_ms"] = medians["grpc_floor"]
     return {
         "costs": table,
         "jpeg_drift": transport.jpeg_drift(scorer, images, reference),
@@ -242,7 +254,8 @@ def report(result: dict[str, Any]) -> None:
                 costs[name]["bytes_per_image"] / 1000,
             ]
             for name in ("grpc", "http")
-        ],
+        ]
+        + [["gRPC alone (same bytes)", 0.0, 0.0, costs["grpc_floor_ms"], costs["grpc_floor_ms"], None]],
         digits=2,
     )
     drift = result["transport"]["jpeg_drift"]

@@ -1,11 +1,12 @@
 """Transport cost per image on both paths, split into client encode, server decode and the wire, and the
 score drift JPEG introduces.
 
-Encode and decode are timed in this process with the very functions each path runs (the product's codec
-and protobuf messages; the competitor's JPEG + pickle). "Wire" is what remains of a loopback round trip
-against a server whose model costs nothing (:class:`bench.scorers.NullScorer`): sockets, HTTP/2 or
-HTTP/1.1 framing, the server framework, response handling. Requests carry 32 images, the server's
-``max_batch_images``, so our batcher flushes at once and no batching delay is counted as transport.
+Encode and decode are timed in this process with the very functions each path runs (the client's request
+writer and the server's protobuf parse + image checks; the competitor's JPEG + pickle). "Wire" is what
+remains of a loopback round trip against a server whose model costs nothing
+(:class:`bench.scorers.NullScorer`): sockets, HTTP/2 or HTTP/1.1 framing, the server framework, response
+handling. Requests carry 32 images, the server's ``max_batch_images``, so our batcher flushes at once and
+no batching delay is counted as transport.
 """
 
 from __future__ import annotations
