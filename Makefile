@@ -34,9 +34,11 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job end to end on this machine: E2PO on the shapes world (GenEval service started locally).
+# The main job end to end on this machine: E2PO on the shapes world (GenEval service started locally),
+# then the held-out evaluation of its EMA weights.
 demo: $(STAMP)
 	$(PY) -m trainer.run
+	$(PY) -m trainer.evaluate --run runs/shapes
 
 # Quick versions of the CPU benchmarks (bench/results/*_quick.json) and the GPU benchmark's CPU smoke
 # test; the full runs quoted in docs/benchmarks.md are `python -m bench.<name>` without --quick.
