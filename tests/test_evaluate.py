@@ -14,7 +14,7 @@ from services.geneval.prompts import images_per_record
 from tests.conftest import MeanPixelScorer, running_server
 from tests.tiny_sd3 import tiny_model
 from trainer.config import RewardSpec, build_config
-from trainer.evaluate import evaluate_model
+from trainer.evaluate import evaluate_model, markdown_table, summarise
 from trainer.model import POLICY, merge_adapter, use_adapter
 
 RECORDS = [
@@ -96,3 +96,21 @@ def test_merged_adapter_gives_the_unmerged_velocity():
     # W ← W0 + (α / r)·B·A, only θ's adapter folded in.
     torch.testing.assert_close(layer.base_layer.weight, w0 + layer.scaling[POLICY] * b @ a)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_summary_scores_per_tag_and_leaves_tag_indicators_out():
+    # Hand-computed: colours 2 of 3 correct, counting 0 of 1; overall = mean over the tags present.
+    outputs = {
+        "geneval/correct": np.array([1.0, 0.0, 1.0, 0.0]),
+        "geneval/score": np.array([1.0, 0.5, 1.0, 0.25]),
+        "geneval/tag/colors": np.array([1.0, 1.0, 1.0, 0.0]),
+        "geneval/tag/counting": np.array([0.0, 0.0, 0.0, 1.0]),
+    }
+    summary = summarise(RECORDS, outputs)
+    assert summary["geneval/score"] == pytest.approx(2.75 / 4)
+    assert summary["geneval/per_tag"] == pytest.approx({"colors": 2 / 3, "counting": 0.0})
+    assert summary["geneval/images_per_tag"] == {"colors": 3, "counting": 1}
+    assert summary["geneval/overall"] == pytest.approx(1 / 3)
+    assert not any(key.startswith("geneval/tag/") for key in summary)
+    table = markdown_table(summary)
+    assert "| geneval/images_per_tag/colors | 3 |" in table and "| geneval/per_tag/colors | 0.667 |" in table

@@ -38,6 +38,8 @@ from trainer.rollout import sample, sample_sigmas
 from trainer.run import parse_endpoint, pick_device
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TAG_INDICATOR = "geneval/tag/"
+"""Prefix of the GenEval service's one-hot tag outputs (grouping indicators, not scores)."""
 
 
 @torch.no_grad()
@@ -88,8 +90,14 @@ def diversity(images: torch.Tensor, counts: list[int], *, layouts: bool) -> dict
 
 
 def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Mean of every output; GenEval correctness per tag and the mean over the six tags."""
-    summary: dict[str, Any] = {name: float(np.mean(values)) for name, values in outputs.items()}
+    """Mean of every score; GenEval correctness per tag, the images behind each, and the mean over tags.
+
+    The GenEval service's ``geneval/tag/<tag>`` outputs are one-hot indicators for grouping, not scores:
+    their mean is only the share of images with that tag, so they are left out of the means.
+    """
+    summary: dict[str, Any] = {
+        name: float(np.mean(values)) for name, values in outputs.items() if not name.startswith(TAG_INDICATOR)
+    }
     correct = outputs.get("geneval/correct")
     if correct is not None:
         per_tag: dict[str, list[float]] = defaultdict(list)
@@ -97,6 +105,7 @@ def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str
             per_tag[str(record.get("tag", "unknown"))].append(float(value))
         tags = {tag: float(np.mean(v)) for tag, v in sorted(per_tag.items())}
         summary["geneval/per_tag"] = tags
+        summary["geneval/images_per_tag"] = {tag: len(v) for tag, v in sorted(per_tag.items())}
         present = [tags[t] for t in GENEVAL_TAGS if t in tags]
         summary["geneval/overall"] = float(np.mean(present)) if present else math.nan
     return summary
@@ -123,12 +132,15 @@ def write_grid(images: torch.Tensor, prompts: list[str], path: Path, columns: in
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
+    def cell(value: Any, digits: int) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
     lines = ["| metric | value |", "| --- | --- |"]
     for key, value in summary.items():
         if isinstance(value, dict):
-            lines += [f"| {key}/{tag} | {v:.3f} |" for tag, v in value.items()]
+            lines += [f"| {key}/{tag} | {cell(v, 3)} |" for tag, v in value.items()]
         else:
-            lines.append(f"| {key} | {value:.4f} |")
+            lines.append(f"| {key} | {cell(value, 4)} |")
     return "\n".join(lines) + "\n"
 
 
