@@ -9,7 +9,8 @@ the comparison is fair:
 * body: ``pickle.dumps({"images": [JPEG bytes, ...], "prompts": [...]})`` — pickle appears only here,
   because it is what the competitor does; **loading a pickle from the network executes arbitrary code**,
   which is why the product's wire format is protobuf and never pickle;
-* client: a ``requests.Session`` per client (keep-alive), images JPEG-encoded at quality 75 by Pillow.
+* client: a ``requests.Session`` per client (keep-alive), images JPEG-encoded at quality 75 by Pillow;
+* the worker runs with the glibc malloc settings our server uses (:mod:`services.core.allocator`).
 
 It has no cross-request batching: each request is one model call of its own size.
 
@@ -35,7 +36,9 @@ from PIL import Image
 
 from bench.common import use_torch_threads
 from bench.processes import http_server
+from services.core.allocator import keep_freed_memory
 from services.core.scorer import ScoreBatch, Scorer
+from services.core.server import ServerConfig
 
 JPEG_QUALITY = 75
 THREADS = 4
@@ -96,7 +99,9 @@ def score() -> Response:
 
 if SCORER_ENV in os.environ:
     # Set only for the gunicorn child, which imports this module in its worker after the fork: load the model
-    # at worker start rather than inside the first timed request.
+    # at worker start rather than inside the first timed request, and give the worker the same allocator
+    # settings our server runs with, so that the comparison is between designs, not malloc settings.
+    keep_freed_memory(ServerConfig().malloc_trim_threshold_bytes or 0)
     _scorer = _load_scorer()
 
 

@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-delay-s", type=float, default=0.0)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--max-connection-age-s", type=float)
+    p.add_argument(
+        "--malloc-trim-threshold-mb",
+        type=int,
+        default=(d_srv.malloc_trim_threshold_bytes or 0) // 2**20,
+        help="glibc: freed memory kept for reuse, buffers up to 32 MB from the heap; 0 keeps the defaults",
+    )
     p.add_argument("--log-level", default="INFO")
     option_scorer, option_dests = _scorer_options(p, argv)
     args = p.parse_args(argv)
@@ -148,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_delay_s=args.drain_delay_s,
         drain_grace_s=args.drain_grace_s,
         max_connection_age_s=args.max_connection_age_s,
+        malloc_trim_threshold_bytes=args.malloc_trim_threshold_mb * 2**20 or None,
     )
 
 
