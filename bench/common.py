@@ -36,6 +36,19 @@ def use_torch_threads(num_threads: int | None = None) -> int:
     return num_threads
 
 
+def use_server_allocator() -> bool:
+    """Give this process the glibc malloc settings our reward server runs with.
+
+    They make the model itself faster too (fewer page faults for activations; measured ~10 % on the
+    serving benchmark's scorer), so every process of a benchmark gets them — in-process scoring, clients,
+    our server and the HTTP baseline alike — and the comparisons stay between designs.
+    """
+    from services.core.allocator import keep_freed_memory
+    from services.core.server import ServerConfig
+
+    return keep_freed_memory(ServerConfig().malloc_trim_threshold_bytes or 0)
+
+
 def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
     """The q-th percentile of ``seconds`` in milliseconds (None when there is no sample)."""
     return float(np.percentile(np.asarray(seconds) * 1000.0, q)) if len(seconds) else None

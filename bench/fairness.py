@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import free_port, load_average, percentile_ms, print_table, use_torch_threads, write_results
+from bench.common import (
+    free_port,
+    load_average,
+    percentile_ms,
+    print_table,
+    use_server_allocator,
+    use_torch_threads,
+    write_results,
+)
 from bench.http_pickle_baseline import HttpClient, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import PROMPT, pick
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of every model process")
     args = p.parse_args(argv)
     threads = use_torch_threads(args.torch_threads)
+    allocator_tuned = use_server_allocator()
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     load_before = load_average()
@@ -232,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             "mode": "quick" if args.quick else "full",
             "torch_threads_per_model_process": threads,
+            "glibc_malloc_tuned_every_process": allocator_tuned,
             "small_images_per_request": SMALL_IMAGES,
             "flood": {"images_per_request": FLOOD_IMAGES, "in_flight": FLOOD_IN_FLIGHT},
             "plan": {"phase_s": plan.phase_s, "passes": plan.passes},

@@ -34,11 +34,9 @@ import torch
 from flask import Flask, Response, jsonify, request
 from PIL import Image
 
-from bench.common import use_torch_threads
+from bench.common import use_server_allocator, use_torch_threads
 from bench.processes import http_server
-from services.core.allocator import keep_freed_memory
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.server import ServerConfig
 
 JPEG_QUALITY = 75
 THREADS = 4
@@ -101,7 +99,7 @@ if SCORER_ENV in os.environ:
     # Set only for the gunicorn child, which imports this module in its worker after the fork: load the model
     # at worker start rather than inside the first timed request, and give the worker the same allocator
     # settings our server runs with, so that the comparison is between designs, not malloc settings.
-    keep_freed_memory(ServerConfig().malloc_trim_threshold_bytes or 0)
+    use_server_allocator()
     _scorer = _load_scorer()
 
 

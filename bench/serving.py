@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from bench import grpc_floor, transport
-from bench.common import free_port, load_average, print_table, use_torch_threads, write_results
+from bench.common import (
+    free_port,
+    load_average,
+    print_table,
+    use_server_allocator,
+    use_torch_threads,
+    write_results,
+)
 from bench.http_pickle_baseline import THREADS, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import WindowConfig, aggregate, grpc_cell, http_cell, in_process_cell
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     threads = use_torch_threads(args.torch_threads)
+    allocator_tuned = use_server_allocator()
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     load_before = load_average()
@@ -299,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             "image_size": 512,
         },
         "torch_threads_per_model_process": threads,
+        "glibc_malloc_tuned_every_process": allocator_tuned,
         "http_baseline": {"server": "gunicorn gthread, 1 worker", "threads": THREADS, "jpeg_quality": 75},
         "plan": {"passes": plan.passes, "window": vars(plan.window), "cells": [list(c) for c in plan.cells]},
         "load_average_before": load_before,
