@@ -46,7 +46,8 @@ def use_server_allocator() -> bool:
     from services.core.allocator import keep_freed_memory
     from services.core.server import ServerConfig
 
-    return keep_freed_memory(ServerConfig().malloc_trim_threshold_bytes or 0)
+    trim_threshold = ServerConfig().malloc_trim_threshold_bytes
+    return trim_threshold is not None and keep_freed_memory(trim_threshold)
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float | None:

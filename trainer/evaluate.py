@@ -103,9 +103,10 @@ def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str
         per_tag: dict[str, list[float]] = defaultdict(list)
         for record, value in zip(records, correct, strict=True):
             per_tag[str(record.get("tag", "unknown"))].append(float(value))
-        tags = {tag: float(np.mean(v)) for tag, v in sorted(per_tag.items())}
+        ordered = sorted(per_tag.items())
+        tags = {tag: float(np.mean(v)) for tag, v in ordered}
         summary["geneval/per_tag"] = tags
-        summary["geneval/images_per_tag"] = {tag: len(v) for tag, v in sorted(per_tag.items())}
+        summary["geneval/images_per_tag"] = {tag: len(v) for tag, v in ordered}
         present = [tags[t] for t in GENEVAL_TAGS if t in tags]
         summary["geneval/overall"] = float(np.mean(present)) if present else math.nan
     return summary

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,17 @@ MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 """glibc's upper bound for M_MMAP_THRESHOLD on 64-bit (4 MiB · sizeof(long)); mallopt refuses more."""
 
 
+@functools.cache
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, or None off glibc; looked up once (``libc_ver`` reads the interpreter's binary)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def keep_freed_memory(trim_threshold_bytes: int) -> bool:
     """Serve buffers up to 32 MB from the heap and keep up to ``trim_threshold_bytes`` of freed memory.
 
@@ -35,12 +48,9 @@ def keep_freed_memory(trim_threshold_bytes: int) -> bool:
     """
     if trim_threshold_bytes < 0:
         raise ValueError(f"trim_threshold_bytes must be >= 0, got {trim_threshold_bytes}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     trim = min(trim_threshold_bytes, 2**31 - 1)  # mallopt takes an int
     accepted = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, trim) == 1
     if not accepted:
