@@ -21,11 +21,10 @@ import torch
 
 from bench.http_pickle_baseline import HttpClient, decode_request, encode_request
 from bench.load import PROMPT
-from protos import reward_pb2
 from services.client import RewardClient, encode_samples
 from services.core.codec import ImageLimits, decode_image, to_chw_tensor
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.wire import serialize_request
+from services.core.wire import parse_request, serialize_request
 
 REQUEST_IMAGES = 32
 
@@ -37,7 +36,7 @@ def grpc_encode(images: np.ndarray) -> bytes:
 
 def grpc_decode(body: bytes) -> list[torch.Tensor]:
     """What the servicer does per request: parse, check and view each image as a (3, H, W) tensor."""
-    request = reward_pb2.ScoreRequest.FromString(body)
+    request = parse_request(body)
     limits = ImageLimits()
     return [to_chw_tensor(decode_image(sample.image, limits)) for sample in request.samples]
 

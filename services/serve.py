@@ -24,8 +24,8 @@ from typing import Any
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
 from services.core.quota import QuotaConfig
+from services.core.request import RequestLimits
 from services.core.server import RewardServer, ServerConfig, TLSConfig
-from services.core.servicer import RequestLimits
 from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from protos import reward_pb2
 from services.client import RetryPolicy, RewardClient, RewardError, _merge
+from services.core.request import RequestLimits
 from services.core.server import RewardServer, ServerConfig
-from services.core.servicer import RequestLimits
 from tests.conftest import MeanPixelScorer, running_server, solid_images
 
 

@@ -17,8 +17,8 @@ from services.client import RetryPolicy, RewardClient, RewardError
 from services.core.auth import TokenAuthenticator
 from services.core.codec import encode_raw
 from services.core.quota import QuotaConfig, QuotaExceeded, QuotaLimiter
+from services.core.request import RequestLimits
 from services.core.server import ServerConfig
-from services.core.servicer import RequestLimits
 from services.serve import config_from_args, parse_args
 from tests.conftest import MeanPixelScorer, running_server, solid_images
 

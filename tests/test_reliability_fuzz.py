@@ -38,7 +38,7 @@ from PIL import Image
 
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.codec import ImageLimits
-from services.core.servicer import RequestLimits
+from services.core.request import RequestLimits
 from tests.test_codec import png_bomb
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from protos import reward_pb2, reward_pb2_grpc
 from services.core.batcher import BatcherConfig
 from services.core.budget import BudgetExhausted, PixelBudget, Reservation
 from services.core.codec import ImageError, ImageLimits
+from services.core.request import RequestLimits
 from services.core.server import ServerConfig
-from services.core.servicer import RequestLimits
 from tests.conftest import MeanPixelScorer, running_server
 from tests.test_codec import png_bomb
 from tests.test_reliability_fuzz import at_limit_bomb, report, server_process

@@ -13,9 +13,9 @@ from transformers import DINOv3ViTImageProcessor
 
 from services.client import RewardClient
 from services.core.batcher import BatcherConfig
+from services.core.request import RequestLimits
 from services.core.scorer import ScoreBatch
 from services.core.server import ServerConfig
-from services.core.servicer import RequestLimits
 from services.dino import DinoScorer
 from services.dino.diversity import photographic_variance_score
 from services.dino.features import preprocess

@@ -20,8 +20,8 @@ from services.client import RewardClient
 from services.compressibility import CompressibilityScorer
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
+from services.core.request import RequestLimits
 from services.core.server import SERVICE_NAME, RewardServer, ServerConfig
-from services.core.servicer import RequestLimits
 from tests.conftest import MeanPixelScorer, running_server, solid_images
 from tests.test_codec import png_bomb
 

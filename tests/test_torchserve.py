@@ -27,9 +27,9 @@ import pytest
 from protos import reward_pb2, reward_pb2_grpc
 from services.compressibility import CompressibilityScorer
 from services.core.codec import ImageLimits, encode_raw, to_chw_tensor
+from services.core.request import RequestLimits
 from services.core.scorer import ScoreBatch
 from services.core.server import ServerConfig
-from services.core.servicer import RequestLimits
 from services.torchserve.__main__ import main as torchserve_cli
 from services.torchserve.config import ServerSettings, render_properties
 from services.torchserve.handler import RewardHandler

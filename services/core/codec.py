@@ -17,6 +17,7 @@ import torch
 from PIL import Image as PILImage
 
 from protos import reward_pb2
+from services.core.wire import WireImage
 
 RAW = reward_pb2.IMAGE_ENCODING_RAW_RGB8
 PNG = reward_pb2.IMAGE_ENCODING_PNG
@@ -44,7 +45,7 @@ raises to refuse the image (e.g. when a request's or the server's decoded-pixel 
 
 
 def decode_image(
-    image: reward_pb2.Image, limits: ImageLimits, *, reserve: Reserve | None = None
+    image: reward_pb2.Image | WireImage, limits: ImageLimits, *, reserve: Reserve | None = None
 ) -> np.ndarray:
     """Decode one wire image into an (H, W, 3) uint8 array, or raise ImageError."""
     if image.encoding == RAW:
@@ -65,7 +66,9 @@ def _check_size(height: int, width: int, limits: ImageLimits) -> None:
         )
 
 
-def _decode_raw(image: reward_pb2.Image, limits: ImageLimits, reserve: Reserve | None) -> np.ndarray:
+def _decode_raw(
+    image: reward_pb2.Image | WireImage, limits: ImageLimits, reserve: Reserve | None
+) -> np.ndarray:
     height, width = image.height, image.width
     _check_size(height, width, limits)
     expected = height * width * 3
@@ -79,7 +82,9 @@ def _decode_raw(image: reward_pb2.Image, limits: ImageLimits, reserve: Reserve |
     return np.frombuffer(image.data, dtype=np.uint8).reshape(height, width, 3)
 
 
-def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits, reserve: Reserve | None) -> np.ndarray:
+def _decode_compressed(
+    image: reward_pb2.Image | WireImage, limits: ImageLimits, reserve: Reserve | None
+) -> np.ndarray:
     fmt = _PIL_FORMAT[image.encoding]
     if not image.data:
         raise ImageError(f"{fmt} image has no data")
@@ -107,10 +112,16 @@ def _decode_compressed(image: reward_pb2.Image, limits: ImageLimits, reserve: Re
     return array
 
 
+# Raw images are views of the request body, which is read-only to Python; torch warns once per process
+# about wrapping such memory. Scorers only read their inputs (ScoreBatch.images), so it is not copied.
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=__name__
+)
+
+
 def to_chw_tensor(array: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array → (3, H, W) uint8 tensor without copying pixel data when possible."""
-    if not array.flags.writeable:
-        array = array.copy()  # torch.from_numpy warns on read-only buffers (frombuffer on bytes)
+    """(H, W, 3) uint8 array → (3, H, W) uint8 tensor sharing its memory, read-only arrays included
+    (copying a 512² image costs ~0.06 ms on the 2-core benchmark VM, a tenth of its whole transport)."""
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

@@ -40,7 +40,9 @@ class ScoreBatch:
     """A batch of samples to score. All lists have the same length B."""
 
     images: Sequence[torch.Tensor]
-    """B uint8 tensors of shape (3, H, W), RGB; sizes may differ between samples."""
+    """B uint8 tensors of shape (3, H, W), RGB; sizes may differ between samples. Inputs only: a
+    server's are views of the request body, and a failed merged batch is rescored job by job, so a
+    scorer never writes into them."""
     prompts: Sequence[str]
     metadata: Sequence[Mapping[str, Any] | None]
     """Parsed per-sample metadata (already checked by :meth:`Scorer.validate`), or None."""
@@ -59,6 +61,15 @@ class ScoreBatch:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def select(self, indices: Sequence[int]) -> ScoreBatch:
+        """The samples at ``indices``, in that order (images are not copied)."""
+        return ScoreBatch(
+            images=[self.images[i] for i in indices],
+            prompts=[self.prompts[i] for i in indices],
+            metadata=[self.metadata[i] for i in indices],
+            group_ids=[self.group_ids[i] for i in indices],
+        )
 
     def stacked_images(self) -> torch.Tensor:
         """All images as one (B, 3, H, W) uint8 tensor; raises if their sizes differ."""

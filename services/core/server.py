@@ -26,9 +26,10 @@ from services.core.batcher import BatcherConfig, FairBatcher
 from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, PixelBudget
 from services.core.metrics import ServerMetrics
 from services.core.quota import QuotaConfig, QuotaLimiter
+from services.core.request import RequestLimits
 from services.core.runner import run_jobs
 from services.core.scorer import Scorer
-from services.core.servicer import RequestLimits, RewardServicer, add_to_server
+from services.core.servicer import RewardServicer, add_to_server
 
 log = logging.getLogger(__name__)
 

@@ -8,26 +8,34 @@ failure of one request affects another.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.auth import AuthError, Principal, TokenAuthenticator
 from services.core.batcher import BatcherClosed, DeadlineExpired, FairBatcher, QueueFull
 from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, BudgetExhausted, PixelBudget, Reservation
-from services.core.codec import ImageError, ImageLimits, Reserve, decode_image, to_chw_tensor
+from services.core.codec import Reserve
 from services.core.metrics import ServerMetrics
 from services.core.packing import pack_groups
 from services.core.quota import QuotaExceeded, QuotaLimiter
+from services.core.request import (
+    RequestError,
+    RequestLimits,
+    check_sample_count,
+    decode_samples,
+    model_info,
+    score_response,
+)
 from services.core.runner import JobResult
-from services.core.scorer import ModelIdentity, ScoreBatch, Scorer
+from services.core.scorer import ScoreBatch, Scorer
+from services.core.wire import WireRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +45,6 @@ CLIENT_KEY = "x-e2po-client"
 
 Channels to the same target share one HTTP/2 connection inside a gRPC process, so the peer address
 cannot tell two trainers in one process apart; with auth on, the token's name is used instead."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RequestLimits:
-    """Per-request limits, checked before any work is queued."""
-
-    max_images_per_request: int = 512
-    """More images must be split by the client (the bundled client does this itself)."""
-    max_request_bytes: int = 64 * 1024 * 1024
-    """gRPC max receive message size; the client keeps its chunks well under it."""
-    max_prompt_chars: int = 4096
-    max_metadata_chars: int = 65536
-    max_group_id_chars: int = 256
-    max_pixels_per_request: int = 32 * 1024 * 1024
-    """Decoded pixels of one request (≈100 MB as uint8 RGB). More than a raw request under
-    ``max_request_bytes`` can carry, so it only bites on PNG/JPEG that expand far beyond their size."""
-    image: ImageLimits = field(default_factory=ImageLimits)
-
-    def __post_init__(self) -> None:
-        if self.max_pixels_per_request < self.image.max_pixels:
-            raise ValueError(
-                f"max_pixels_per_request ({self.max_pixels_per_request}) must be >= the per-image "
-                f"max_pixels ({self.image.max_pixels}), or the largest image could never be scored"
-            )
-
-
-class RequestError(ValueError):
-    """The request is malformed; answered INVALID_ARGUMENT with this message."""
 
 
 @dataclass(frozen=True)
@@ -84,23 +64,6 @@ class _Abort(Exception):
         super().__init__(message)
         self.code = code
         self.trailing = trailing
-
-
-def model_info(identity: ModelIdentity, limits: RequestLimits) -> reward_pb2.ModelInfo:
-    height, width = identity.preferred_size or (0, 0)
-    return reward_pb2.ModelInfo(
-        name=identity.name,
-        version=identity.version,
-        checkpoint_sha256=identity.checkpoint_sha256,
-        outputs=list(identity.outputs),
-        group_outputs=list(identity.group_outputs),
-        preferred_height=height,
-        preferred_width=width,
-        max_images_per_request=limits.max_images_per_request,
-        max_pixels_per_image=limits.image.max_pixels,
-        max_request_bytes=limits.max_request_bytes,
-        requires_metadata=identity.requires_metadata,
-    )
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -143,13 +106,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             await context.abort(abort.code, str(abort))
         return model_info(scorer.identity, self.limits)
 
-    async def Score(
-        self, request: reward_pb2.ScoreRequest | MalformedRequest, context: grpc.aio.ServicerContext
-    ):
+    async def Score(self, request: WireRequest | MalformedRequest, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
         client_label = "anonymous"
         code = grpc.StatusCode.OK
-        num_samples = len(request.samples) if isinstance(request, reward_pb2.ScoreRequest) else 0
+        num_samples = len(request.samples) if isinstance(request, WireRequest) else 0
         try:
             principal = self._principal(context)
             client_label = principal.name if principal else "anonymous"
@@ -192,15 +153,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, f"model {self.model_name!r} is still loading")
         return self.scorer, self.batcher
 
-    def _check_shape(self, request: reward_pb2.ScoreRequest) -> None:
-        count = len(request.samples)
-        if count == 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request has no samples")
-        if count > self.limits.max_images_per_request:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request has {count} samples, limit is {self.limits.max_images_per_request}; split it",
-            )
+    def _check_shape(self, request: WireRequest) -> None:
+        try:
+            check_sample_count(request, self.limits)
+        except RequestError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def _admit_and_score(
         self,
@@ -208,7 +165,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         batcher: FairBatcher[ScoreBatch, JobResult | Exception],
         client: str,
         rate: float | None,
-        request: reward_pb2.ScoreRequest,
+        request: WireRequest,
         context: grpc.aio.ServicerContext,
     ) -> reward_pb2.ScoreResponse:
         """Quota, queue room and memory first; then decode, queue, and answer.
@@ -257,52 +214,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     def _decode(
-        self, request: reward_pb2.ScoreRequest, scorer: Scorer, reserve: Reserve
+        self, request: WireRequest, scorer: Scorer, reserve: Reserve
     ) -> list[tuple[list[int], ScoreBatch]]:
         """Decode and validate every sample (in a worker thread), then pack them into jobs.
 
         Returns (request indices, job) pairs: packing keeps groups together, so a job's samples need
         not be contiguous in the request.
         """
-        limits = self.limits
-        identity = scorer.identity
-        images, prompts, metadata, group_ids = [], [], [], []
-        for index, sample in enumerate(request.samples):
-            where = f"sample {index}"
-            if not sample.HasField("image"):
-                raise RequestError(f"{where}: no image")
-            try:
-                images.append(to_chw_tensor(decode_image(sample.image, limits.image, reserve=reserve)))
-            except ImageError as exc:
-                raise RequestError(f"{where}: {exc}") from None
-            if len(sample.prompt) > limits.max_prompt_chars:
-                raise RequestError(
-                    f"{where}: prompt has {len(sample.prompt)} chars, limit {limits.max_prompt_chars}"
-                )
-            if len(sample.group_id) > limits.max_group_id_chars:
-                raise RequestError(f"{where}: group_id longer than {limits.max_group_id_chars} chars")
-            meta = _parse_metadata(sample.metadata_json, limits.max_metadata_chars, where)
-            if meta is None and identity.requires_metadata:
-                raise RequestError(f"{where}: model {identity.name!r} requires metadata_json")
-            try:
-                scorer.validate(sample.prompt, meta)
-            except ValueError as exc:
-                raise RequestError(f"{where}: {exc}") from None
-            prompts.append(sample.prompt)
-            metadata.append(meta)
-            group_ids.append(sample.group_id)
-        batch_size = self.batcher.config.max_batch_images if self.batcher else len(images)
+        batch = decode_samples(request, scorer, self.limits, reserve)
+        batch_size = self.batcher.config.max_batch_images if self.batcher else len(batch)
         return [
-            (
-                indices,
-                ScoreBatch(
-                    images=[images[i] for i in indices],
-                    prompts=[prompts[i] for i in indices],
-                    metadata=[metadata[i] for i in indices],
-                    group_ids=[group_ids[i] for i in indices],
-                ),
-            )
-            for indices in pack_groups(group_ids, max_count=batch_size)
+            (indices, batch.select(indices)) for indices in pack_groups(batch.group_ids, max_count=batch_size)
         ]
 
     async def _submit(
@@ -333,21 +255,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         results: list[JobResult | Exception],
     ) -> reward_pb2.ScoreResponse:
         num_samples = sum(len(indices) for indices, _ in jobs)
-        per_sample: list[dict[str, float]] = [{} for _ in range(num_samples)]
-        response = reward_pb2.ScoreResponse(model=model_info(scorer.identity, self.limits))
-        for (indices, _), result in zip(jobs, results, strict=True):
+        for result in results:
             if isinstance(result, ValueError):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"scorer rejected the input: {result}")
             if isinstance(result, Exception):
                 log.error("scorer %s failed", scorer.identity.name, exc_info=result)
                 raise _Abort(grpc.StatusCode.INTERNAL, f"scorer failed: {type(result).__name__}: {result}")
-            for position, index in enumerate(indices):
-                per_sample[index] = {name: float(values[position]) for name, values in result.samples.items()}
-            for gid, values in result.groups.items():
-                response.groups.add(group_id=gid, values=values)
-        for values in per_sample:
-            response.scores.add().values.update(values)
-        return response
+        parts = [(indices, result) for (indices, _), result in zip(jobs, results, strict=True)]
+        return score_response(parts, num_samples, scorer, self.limits)
 
 
 def _exhausted(message: str, retry_after_s: float) -> _Abort:
@@ -360,15 +275,15 @@ def _exhausted(message: str, retry_after_s: float) -> _Abort:
     )
 
 
-def _check_parsed(request: Message | MalformedRequest) -> None:
+def _check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.error}")
 
 
-def _lenient(message_type: type[Message]) -> Any:
-    def parse(data: bytes) -> Message | MalformedRequest:
+def _lenient(parse_bytes: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
         try:
-            return message_type.FromString(data)
+            return parse_bytes(data)
         except DecodeError as exc:
             return MalformedRequest(str(exc))
 
@@ -381,12 +296,13 @@ def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     handlers = {
         "Score": grpc.unary_unary_rpc_method_handler(
             servicer.Score,
-            request_deserializer=_lenient(reward_pb2.ScoreRequest),
+            # Images stay views of the body gRPC hands over (services.core.wire), not copies.
+            request_deserializer=_lenient(parse_request),
             response_serializer=reward_pb2.ScoreResponse.SerializeToString,
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
-            request_deserializer=_lenient(reward_pb2.DescribeRequest),
+            request_deserializer=_lenient(reward_pb2.DescribeRequest.FromString),
             response_serializer=reward_pb2.ModelInfo.SerializeToString,
         ),
     }
@@ -400,17 +316,3 @@ def _declared_client(context: grpc.aio.ServicerContext) -> str | None:
         if key == CLIENT_KEY and isinstance(value, str) and value:
             return "declared:" + value[:64]
     return None
-
-
-def _parse_metadata(text: str, max_chars: int, where: str) -> Mapping[str, Any] | None:
-    if not text:
-        return None
-    if len(text) > max_chars:
-        raise RequestError(f"{where}: metadata_json has {len(text)} chars, limit {max_chars}")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # ValueError also covers ints over Python's digit limit
-        raise RequestError(f"{where}: metadata_json is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise RequestError(f"{where}: metadata_json must be a JSON object, got {type(value).__name__}")
-    return value

@@ -20,12 +20,12 @@ from typing import Any
 
 from services.core.budget import PixelBudget, Reservation
 from services.core.packing import pack_groups
+from services.core.request import RequestError, decode_samples, score_response
 from services.core.runner import JobResult, run_jobs
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.servicer import RequestError
 from services.registry import build_scorer
 from services.torchserve.spec import SPEC_FILE, ArchiveSpec
-from services.torchserve.wire import decode_request, encode_response, error_reply, parse_request
+from services.torchserve.wire import error_reply, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class RewardHandler:
         budget = PixelBudget(limits.max_pixels_per_request * batch_requests)
         reservation = Reservation(budget, limits.max_pixels_per_request)
         request = parse_request(_request_bytes(item), limits)
-        return decode_request(request, self.scorer, limits, reservation.take)
+        return decode_samples(request, self.scorer, limits, reservation.take)
 
     def _score(
         self, batches: dict[int, ScoreBatch]
@@ -87,7 +87,7 @@ class RewardHandler:
         """Whole groups packed into model calls of at most ``max_batch_images`` images, across requests."""
         assert self.scorer is not None and self.spec is not None
         jobs = [
-            (position, indices, _subset(batch, indices))
+            (position, indices, batch.select(indices))
             for position, batch in batches.items()
             for indices in pack_groups(batch.group_ids, max_count=self.spec.max_batch_images)
         ]
@@ -113,7 +113,7 @@ class RewardHandler:
             log.error("scorer %s failed", self.scorer.identity.name, exc_info=failure)
             return _fail(context, position, 500, f"scorer failed: {type(failure).__name__}: {failure}")
         done = [(indices, outcome) for indices, outcome in parts if isinstance(outcome, JobResult)]
-        response = encode_response(done, num_samples, self.scorer, self.spec.limits())
+        response = score_response(done, num_samples, self.scorer, self.spec.limits())
         context.set_response_content_type(position, CONTENT_TYPE)
         return response.SerializeToString()
 
@@ -136,15 +136,6 @@ def _request_bytes(item: dict[str, Any]) -> bytes | bytearray:
                 )
             return value
     raise RequestError(f"no request bytes: expected one of the inputs {', '.join(INPUT_KEYS)}")
-
-
-def _subset(batch: ScoreBatch, indices: list[int]) -> ScoreBatch:
-    return ScoreBatch(
-        images=[batch.images[i] for i in indices],
-        prompts=[batch.prompts[i] for i in indices],
-        metadata=[batch.metadata[i] for i in indices],
-        group_ids=[batch.group_ids[i] for i in indices],
-    )
 
 
 def _model_calls(jobs: list[tuple[int, list[int], ScoreBatch]], max_images: int) -> list[list[Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
-from services.core.servicer import RequestLimits
+from services.core.request import RequestLimits
 
 SPEC_FILE = "scorer.json"
 
