@@ -1,6 +1,7 @@
 """Serve one of the benchmark scorers with the product's RewardServer (run as a child process).
 
     python -m bench.reward_server clip [--sleep-per-image S] [--max-batch-images N] [--max-delay-ms D]
+                                       [--contention-latency-slack X|none]
 
 Prints ``listening on HOST:PORT metrics PORT`` when ready; SIGTERM drains and exits.
 """
@@ -17,6 +18,7 @@ from bench.scorers import NullScorer, SleepingScorer, bench_clip_scorer
 from services.core.batcher import BatcherConfig
 from services.core.scorer import Scorer
 from services.core.server import RewardServer, ServerConfig
+from services.serve import parse_slack
 
 
 def _geneval_shapes() -> Scorer:
@@ -39,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sleep-per-image", type=float, default=0.0, help="pad each batch to S·n seconds")
     p.add_argument("--max-batch-images", type=int, default=BatcherConfig.max_batch_images)
     p.add_argument("--max-delay-ms", type=float, default=BatcherConfig.max_delay_ms)
+    p.add_argument(
+        "--contention-latency-slack",
+        type=parse_slack,
+        default=BatcherConfig.contention_latency_slack,
+        help='"none" keeps batches full while clients contend',
+    )
     return p.parse_args(argv)
 
 
@@ -52,7 +60,11 @@ async def serve(args: argparse.Namespace) -> None:
         port=0,
         metrics_port=0,
         drain_grace_s=5.0,
-        batcher=BatcherConfig(max_batch_images=args.max_batch_images, max_delay_ms=args.max_delay_ms),
+        batcher=BatcherConfig(
+            max_batch_images=args.max_batch_images,
+            max_delay_ms=args.max_delay_ms,
+            contention_latency_slack=args.contention_latency_slack,
+        ),
     )
     server = RewardServer(lambda: build(args), args.scorer, config)
     port = await server.start()

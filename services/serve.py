@@ -84,6 +84,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-delay-ms", type=float, default=d_batch.max_delay_ms)
     p.add_argument("--max-queued-images", type=int, default=d_batch.max_queued_images)
     p.add_argument("--max-queued-images-per-client", type=int, default=d_batch.max_queued_images_per_client)
+    p.add_argument(
+        "--max-job-images",
+        type=int,
+        default=d_batch.max_job_images,
+        help="requests are cut into jobs of at most this many images (groups stay whole)",
+    )
+    p.add_argument(
+        "--contention-latency-slack",
+        type=parse_slack,
+        default=d_batch.contention_latency_slack,
+        help="while a flood and a one-request-at-a-time client are both active, batches with flood work "
+        "run at most (1 + SLACK) x the small request's own time; 'none' keeps batches full",
+    )
+    p.add_argument(
+        "--active-window-ms",
+        type=float,
+        default=d_batch.active_window_ms,
+        help="a client counts as active this long after its last answer",
+    )
     p.add_argument("--max-images-per-request", type=int, default=d_req.max_images_per_request)
     p.add_argument("--max-request-bytes", type=int, default=d_req.max_request_bytes)
     p.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
@@ -127,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_slack(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tls = None
     if args.tls_cert is not None:
@@ -139,6 +162,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_delay_ms=args.max_delay_ms,
             max_queued_images=args.max_queued_images,
             max_queued_images_per_client=args.max_queued_images_per_client,
+            max_job_images=args.max_job_images,
+            contention_latency_slack=args.contention_latency_slack,
+            active_window_ms=args.active_window_ms,
         ),
         limits=RequestLimits(
             max_images_per_request=args.max_images_per_request,

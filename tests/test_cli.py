@@ -21,7 +21,9 @@ from PIL import Image
 
 from protos import reward_pb2, reward_pb2_grpc
 from services.client import RewardClient
+from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
+from services.serve import config_from_args, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +163,19 @@ def test_serve_rejects_bad_flags() -> None:
         env={**os.environ},
     )
     assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
+
+
+def test_batching_flags_reach_the_batcher_config() -> None:
+    flags = ["--max-job-images", "2", "--contention-latency-slack", "0.5", "--active-window-ms", "40"]
+    batcher = config_from_args(parse_args(["compressibility", *flags])).batcher
+    assert (batcher.max_job_images, batcher.contention_latency_slack, batcher.active_window_ms) == (
+        2,
+        0.5,
+        40,
+    )
+    off = config_from_args(parse_args(["compressibility", "--contention-latency-slack", "none"])).batcher
+    assert off.contention_latency_slack is None
+    assert config_from_args(parse_args(["compressibility"])).batcher == BatcherConfig()
 
 
 @pytest.mark.slow  # each case is a fresh interpreter importing torch and the model's library

@@ -8,9 +8,15 @@ therefore cannot starve an evaluation job sending 4 images at a time: both get a
 batch while both are backlogged.
 
 A client that becomes backlogged starts at the smallest count among the clients already waiting, so
-idle time cannot be banked into a later burst. Queues are bounded per client and in total; a job whose
-caller went away (cancelled) or whose deadline passed is dropped before it reaches the model. The model
-runs in a worker thread so the event loop keeps decoding and queueing the next requests meanwhile.
+idle time cannot be banked into a later burst.
+
+Fair order alone cannot stop a flood from delaying a small client, because a batch is never preempted;
+while clients contend, batches holding a flood's work are kept short (:mod:`services.core.contention`),
+sized by a cost model learnt from the batches run (:mod:`services.core.batch_cost`).
+
+Queues are bounded per client and in total; a job whose caller went away (cancelled) or whose deadline
+passed is dropped before it reaches the model. The model runs in a worker thread so the event loop keeps
+decoding and queueing the next requests meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+from services.core.batch_cost import BatchCostModel
+from services.core.contention import ContentionTracker
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,12 +48,31 @@ class BatcherConfig:
     """Per-client bound; past it the client is told RESOURCE_EXHAUSTED (other clients are unaffected)."""
     max_queued_images: int = 4096
     """Bound over all clients together (memory of decoded images waiting)."""
+    max_job_images: int = 4
+    """Requests are cut into jobs of at most this many images (groups stay whole): the unit in which
+    batches interleave clients, and in which a batch can be kept small while clients contend."""
+    contention_latency_slack: float | None = 0.1
+    """While clients contend, a batch taking a heavy client's work may run at most (1 + slack) × the
+    predicted time of the smallest active request alone, so a small request waits about two such
+    batches behind a flood, not two full ones. The price is the flood's throughput on a device whose
+    batches cost mostly per image; ``docs/benchmarks.md`` §3 measures both. None: always fill batches."""
+    active_window_ms: float = 100.0
+    """A client counts as active while it has work queued and this long after its last answer, so a
+    closed-loop client between two requests stays protected."""
 
     def __post_init__(self) -> None:
         if self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
         if self.max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_job_images < 1:
+            raise ValueError(f"max_job_images must be >= 1, got {self.max_job_images}")
+        if self.contention_latency_slack is not None and not self.contention_latency_slack >= 0:
+            raise ValueError(
+                f"contention_latency_slack must be >= 0 or None, got {self.contention_latency_slack}"
+            )
+        if self.active_window_ms < 0:
+            raise ValueError(f"active_window_ms must be >= 0, got {self.active_window_ms}")
         if not 1 <= self.max_queued_images_per_client <= self.max_queued_images:
             raise ValueError(
                 "need 1 <= max_queued_images_per_client <= max_queued_images, got "
@@ -116,6 +144,17 @@ class FairBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
+        self._cost = BatchCostModel()
+        slack = self.config.contention_latency_slack
+        self._contention = (
+            None
+            if slack is None
+            else ContentionTracker(
+                slack=slack,
+                window_s=self.config.active_window_ms / 1000.0,
+                max_batch_images=self.config.max_batch_images,
+            )
+        )
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -151,6 +190,8 @@ class FairBatcher(Generic[T, R]):
         queue.extend(queued)
         self._queued_images[client] = self._queued_images.get(client, 0) + total
         self._total_queued += total
+        if self._contention is not None:
+            self._contention.request_started(client, total, self._queued_images[client], now)
         self._report_depth(client)
         self._arrival.set()
         try:
@@ -161,6 +202,9 @@ class FairBatcher(Generic[T, R]):
                 if self._remove(job) or not job.future.done():
                     job.future.cancel()
             raise
+        finally:
+            if self._contention is not None:
+                self._contention.request_finished(client, loop.time())
 
     def check_admission(self, client: str, num_images: int) -> None:
         """Raise QueueFull (or ValueError if it can never fit) without queueing anything."""
@@ -246,16 +290,25 @@ class FairBatcher(Generic[T, R]):
     def _take_batch(self, now: float) -> list[_Job[T, R]]:
         """Fill one batch, least-served backlogged client first, dropping dead jobs on the way."""
         batch: list[_Job[T, R]] = []
-        room = self.config.max_batch_images
-        while True:
+        size = 0
+        full = self.config.max_batch_images
+        if self._contention is None:
+            heavy, heavy_cap = frozenset(), full
+        else:
+            contention = self._contention.limit(self._queued_images, self._cost.fit(), now)
+            heavy, heavy_cap = contention.heavy, contention.heavy_batch_images
+        holds_heavy = False
+        while size < full:
             best: str | None = None
             for client, queue in self._queues.items():
                 self._drop_dead_heads(client, queue, now)
                 if not queue:
                     continue
-                head = queue[0]
-                fits = head.size <= room or not batch  # an oversized job runs alone
-                if fits and (best is None or self._served[client] < self._served[best]):
+                cap = heavy_cap if holds_heavy or client in heavy else full
+                fits = not batch or size + queue[0].size <= cap  # an oversized job runs alone
+                # Least served first; on a tie the light client, whose latency the limit protects.
+                rank = (self._served[client], client in heavy)
+                if fits and (best is None or rank < (self._served[best], best in heavy)):
                     best = client
             if best is None:
                 break
@@ -263,9 +316,8 @@ class FairBatcher(Generic[T, R]):
             self._remove(job)
             self._served[best] = self._served.get(best, 0) + job.size
             batch.append(job)
-            room -= job.size
-            if room <= 0:
-                break
+            size += job.size
+            holds_heavy = holds_heavy or best in heavy
         self._forget_idle_clients()
         return batch
 
@@ -319,6 +371,7 @@ class FairBatcher(Generic[T, R]):
                 self._observer.batch_done(num_images, len(batch), seconds)
         rate = num_images / max(seconds, 1e-6)
         self._images_per_s = rate if self._images_per_s is None else 0.8 * self._images_per_s + 0.2 * rate
+        self._cost.observe(num_images, seconds)
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)

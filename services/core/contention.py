@@ -1,0 +1,81 @@
+"""Which clients contend for one model, and how large a batch may be while they do.
+
+A batch is never preempted, so a client sending one small request at a time (*light*: an evaluation
+job, a human) waits for whatever batch is running when its request arrives, then for the batch its
+request runs in. Fair ordering puts its request first, but while a *heavy* client (a flood: several
+requests waiting at once, or more than a full batch) fills every batch to the maximum, both waits are
+full batches. This module keeps batches that hold heavy work short while a light client is active:
+at most the size whose predicted run time is (1 + slack) × that of the smallest light request alone.
+
+A client is active while it has requests in flight and for ``window_s`` after its last answer (so a
+closed-loop client between two requests counts); a client is heavy from the moment it shows heavy
+traffic until ``window_s`` after it last did (so a flood that briefly has one request left does not
+look light at the very moment a batch is formed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.core.batch_cost import LinearCost
+
+
+@dataclass(frozen=True, slots=True)
+class ContentionLimit:
+    """Work of ``heavy`` clients joins a batch only while the batch stays ≤ ``heavy_batch_images``."""
+
+    heavy: frozenset[str]
+    heavy_batch_images: int
+
+
+class ContentionTracker:
+    """Per-client activity, fed by the batcher; pure bookkeeping, no clock of its own."""
+
+    def __init__(self, *, slack: float, window_s: float, max_batch_images: int) -> None:
+        self.slack = slack
+        self.window_s = window_s
+        self.max_batch_images = max_batch_images
+        self._in_flight: dict[str, int] = {}
+        self._request_images: dict[str, int] = {}  # each client's latest request
+        self._last_answer: dict[str, float] = {}
+        self._heavy_until: dict[str, float] = {}
+
+    def request_started(self, client: str, num_images: int, queued_images: int, now: float) -> None:
+        self._in_flight[client] = self._in_flight.get(client, 0) + 1
+        self._request_images[client] = num_images
+        self._note_heavy(client, queued_images, now)
+
+    def request_finished(self, client: str, now: float) -> None:
+        left = self._in_flight.get(client, 0) - 1
+        if left > 0:
+            self._in_flight[client] = left
+        else:
+            self._in_flight.pop(client, None)
+        self._last_answer[client] = now
+
+    def limit(self, queued_images: dict[str, int], cost: LinearCost | None, now: float) -> ContentionLimit:
+        """The limit for the batch formed now; no limit without both a heavy and a light client."""
+        self._forget(now)
+        active = set(self._in_flight) | set(self._last_answer)
+        for client in active:
+            self._note_heavy(client, queued_images.get(client, 0), now)
+        heavy = frozenset(c for c in active if self._heavy_until.get(c, -1.0) >= now)
+        light = active - heavy
+        if not heavy or not light or cost is None:
+            return ContentionLimit(frozenset(), self.max_batch_images)
+        smallest = min(self._request_images[c] for c in light)
+        budget_s = (1.0 + self.slack) * cost.seconds(smallest)
+        return ContentionLimit(heavy, cost.largest_batch_within(budget_s, self.max_batch_images))
+
+    def _note_heavy(self, client: str, queued_images: int, now: float) -> None:
+        if self._in_flight.get(client, 0) >= 2 or queued_images > self.max_batch_images:
+            self._heavy_until[client] = now + self.window_s
+
+    def _forget(self, now: float) -> None:
+        for client in [c for c, t in self._last_answer.items() if now - t > self.window_s]:
+            del self._last_answer[client]
+        for client in [c for c, t in self._heavy_until.items() if t < now]:
+            del self._heavy_until[client]
+        known = set(self._in_flight) | set(self._last_answer)
+        for client in [c for c in self._request_images if c not in known]:
+            del self._request_images[client]
