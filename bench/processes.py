@@ -68,6 +68,19 @@ def _listening_child(module: str, args: Sequence[str], timeout_s: float) -> Iter
 
 
 @contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """A child process spinning a pure-Python loop: one core kept busy, as the load generator and the
+    server's transport keep it while a served model runs on the other (bench.serving)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running before anything is timed
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
 def reward_server(args: Sequence[str], timeout_s: float = 300.0) -> Iterator[ServedEndpoint]:
     """``python -m bench.reward_server ARGS`` for the duration of the block."""
     with _listening_child("bench.reward_server", args, timeout_s) as words:

@@ -42,7 +42,7 @@ from bench.common import (
 from bench.http_pickle_baseline import THREADS, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import WindowConfig, aggregate, grpc_cell, http_cell, in_process_cell
-from bench.processes import grpc_floor_server, reward_server
+from bench.processes import busy_core, grpc_floor_server, reward_server
 from bench.scorers import bench_clip_config, bench_clip_scorer, vision_parameters
 from services.core.batcher import BatcherConfig
 from services.core.scorer import ScoreBatch
@@ -158,10 +158,16 @@ def run_grid(plan: Plan, pool: np.ndarray, reference: np.ndarray) -> dict[str, A
                     _progress(system, cell)
             for size in sizes:
                 runs["in_process"][size].append(in_process_cell(score_in_process, size, plan.in_process_s))
+            # The served model never has the second core to itself (clients, gRPC and decoding use it);
+            # the same in-process call with that core kept busy says how much that alone costs.
+            with busy_core():
+                cell = in_process_cell(score_in_process, PREFERRED_BATCH, plan.in_process_s)
+            runs["in_process_other_core_busy"][PREFERRED_BATCH].append(cell)
     return {
         "grpc": [aggregate(runs["grpc"][cell]) for cell in plan.cells],
         "http": [aggregate(runs["http"][cell]) for cell in plan.cells],
         "in_process": [aggregate(runs["in_process"][size]) for size in sizes],
+        "in_process_other_core_busy": aggregate(runs["in_process_other_core_busy"][PREFERRED_BATCH]),
         "grpc_max_abs_diff_vs_in_process": exact,
     }
 
@@ -186,6 +192,9 @@ def targets(grid: dict[str, Any], transport_result: dict[str, Any]) -> dict[str,
             f"{PREFERRED_BATCH}",
             "grpc_mean_batch": by_cell[saturated].get("mean_batch"),
             "value": by_cell[saturated]["images_per_s"] / preferred["images_per_s"],
+            # Not the target's yardstick, the reason it is hard here: the server's model shares the VM.
+            "over_in_process_with_other_core_busy": by_cell[saturated]["images_per_s"]
+            / grid["in_process_other_core_busy"]["images_per_s"],
             "target": ">= 0.95",
         },
         "transport_cost_http_over_grpc": {"value": costs["http_over_grpc"], "target": ">= 3"},
@@ -216,6 +225,11 @@ def report(result: dict[str, Any]) -> None:
         "In-process scorer.score (no transport), per batch",
         ["batch", "images/s", "p50 ms", "p99 ms"],
         [[c["batch_size"], c["images_per_s"], c["p50_ms"], c["p99_ms"]] for c in grid["in_process"]],
+    )
+    busy = grid["in_process_other_core_busy"]
+    print(
+        f"in-process batch {busy['batch_size']} with the other core kept busy: "
+        f"{busy['images_per_s']:.1f} images/s (p50 {busy['p50_ms']:.0f} ms)"
     )
     in_proc = {c["batch_size"]: c["images_per_s"] for c in grid["in_process"]}
     http = {(c["clients"], c["request_size"]): c for c in grid["http"]}
