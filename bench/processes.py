@@ -69,8 +69,9 @@ def _listening_child(module: str, args: Sequence[str], timeout_s: float) -> Iter
 
 @contextlib.contextmanager
 def busy_core() -> Iterator[None]:
-    """A child process spinning a pure-Python loop: one core kept busy, as the load generator and the
-    server's transport keep it while a served model runs on the other (bench.serving)."""
+    """A child process spinning a pure-Python loop: one core kept busy with CPU work alone (no memory
+    traffic, no shared interpreter lock), to tell plain CPU load apart from the rest of what a served
+    model competes with (bench.serving)."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)  # running before anything is timed

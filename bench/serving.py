@@ -159,7 +159,7 @@ def run_grid(plan: Plan, pool: np.ndarray, reference: np.ndarray) -> dict[str, A
             for size in sizes:
                 runs["in_process"][size].append(in_process_cell(score_in_process, size, plan.in_process_s))
             # The served model never has the second core to itself (clients, gRPC and decoding use it);
-            # the same in-process call with that core kept busy says how much that alone costs.
+            # the same in-process call beside a spinning process says what plain CPU load there costs.
             with busy_core():
                 cell = in_process_cell(score_in_process, PREFERRED_BATCH, plan.in_process_s)
             runs["in_process_other_core_busy"][PREFERRED_BATCH].append(cell)
@@ -192,7 +192,7 @@ def targets(grid: dict[str, Any], transport_result: dict[str, Any]) -> dict[str,
             f"{PREFERRED_BATCH}",
             "grpc_mean_batch": by_cell[saturated].get("mean_batch"),
             "value": by_cell[saturated]["images_per_s"] / preferred["images_per_s"],
-            # Not the target's yardstick, the reason it is hard here: the server's model shares the VM.
+            # Not the target's yardstick: whether plain CPU load on the other core explains the gap.
             "over_in_process_with_other_core_busy": by_cell[saturated]["images_per_s"]
             / grid["in_process_other_core_busy"]["images_per_s"],
             "target": ">= 0.95",
