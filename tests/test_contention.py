@@ -27,12 +27,12 @@ def _flood_and_small(now: float = 0.0) -> ContentionTracker:
 def test_a_flood_next_to_a_light_client_gets_short_batches() -> None:
     tracker = _flood_and_small()
     queued = {"flood": 64, "small": 4}
-    limit = tracker.limit(queued, PROPORTIONAL, 0.0)
+    limit = tracker.limit(queued, lambda: PROPORTIONAL, 0.0)
     # Largest n with 0.01·n <= 1.1 × 0.01·4 s.
     assert limit.heavy == {"flood"} and limit.heavy_batch_images == 4
     # Where a batch costs mostly its fixed part, n <= (1.1 × 0.104 − 0.1) / 0.001 = 14.
-    assert tracker.limit(queued, MOSTLY_FIXED, 0.0).heavy_batch_images == 14
-    assert tracker.limit(queued, None, 0.0).heavy == frozenset()  # no batch measured yet
+    assert tracker.limit(queued, lambda: MOSTLY_FIXED, 0.0).heavy_batch_images == 14
+    assert tracker.limit(queued, lambda: None, 0.0).heavy == frozenset()  # no batch measured yet
 
 
 def test_light_client_is_protected_between_requests_then_forgotten() -> None:
@@ -40,28 +40,35 @@ def test_light_client_is_protected_between_requests_then_forgotten() -> None:
     tracker.request_finished("small", 1.0)
     queued = {"flood": 64}
     tracker.request_started("flood", 32, 64, 1.0)  # the flood goes on
-    assert tracker.limit(queued, PROPORTIONAL, 1.05).heavy == {"flood"}  # small is thinking
-    assert tracker.limit(queued, PROPORTIONAL, 1.2).heavy == frozenset()  # small left: full batches
+    assert tracker.limit(queued, lambda: PROPORTIONAL, 1.05).heavy == {"flood"}  # small is thinking
+    assert tracker.limit(queued, lambda: PROPORTIONAL, 1.2).heavy == frozenset()  # small left: full batches
 
 
 def test_a_flood_down_to_one_request_stays_heavy_for_the_window() -> None:
     tracker = _flood_and_small()
     tracker.request_finished("small", 0.4)
     tracker.request_started("small", 4, 4, 0.45)
-    assert tracker.limit({"flood": 64, "small": 4}, PROPORTIONAL, 0.45).heavy == {"flood"}  # 2 waiting
+    assert tracker.limit({"flood": 64, "small": 4}, lambda: PROPORTIONAL, 0.45).heavy == {"flood"}  # 2 waiting
     tracker.request_finished("flood", 0.5)  # one request left, the next one about to be sent
     queued = {"flood": 32, "small": 4}
-    assert tracker.limit(queued, PROPORTIONAL, 0.54).heavy == {"flood"}  # seen heavy 0.09 s ago
-    assert tracker.limit(queued, PROPORTIONAL, 0.6).heavy == frozenset()  # it really slowed down
+    assert tracker.limit(queued, lambda: PROPORTIONAL, 0.54).heavy == {"flood"}  # seen heavy 0.09 s ago
+    assert tracker.limit(queued, lambda: PROPORTIONAL, 0.6).heavy == frozenset()  # it really slowed down
 
 
 def test_no_limit_among_equals_and_one_huge_request_is_heavy() -> None:
     tracker = ContentionTracker(slack=0.1, window_s=0.1, max_batch_images=32)
     for client in range(16):
         tracker.request_started(f"c{client}", 1, 1, 0.0)
-    assert tracker.limit({f"c{c}": 1 for c in range(16)}, PROPORTIONAL, 0.0).heavy == frozenset()
+    asked: list[None] = []
+
+    def cost() -> LinearCost:
+        asked.append(None)
+        return PROPORTIONAL
+
+    assert tracker.limit({f"c{c}": 1 for c in range(16)}, cost, 0.0).heavy == frozenset()
+    assert not asked  # the cost model is consulted only while clients contend
     tracker.request_started("trainer", 128, 128, 0.0)  # more than a full batch in one request
-    limit = tracker.limit({"trainer": 128, **{f"c{c}": 1 for c in range(16)}}, PROPORTIONAL, 0.0)
+    limit = tracker.limit({"trainer": 128, **{f"c{c}": 1 for c in range(16)}}, lambda: PROPORTIONAL, 0.0)
     assert limit.heavy == {"trainer"} and limit.heavy_batch_images == 1
 
 

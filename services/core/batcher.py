@@ -61,6 +61,11 @@ class BatcherConfig:
     """A client counts as active while it has a request in flight and this long after its last answer,
     so a closed-loop client between two requests stays protected."""
 
+    @property
+    def job_images(self) -> int:
+        """Images per job a request is cut into: ``max_job_images``, within one batch."""
+        return min(self.max_job_images, self.max_batch_images)
+
     def __post_init__(self) -> None:
         if self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
@@ -296,7 +301,7 @@ class FairBatcher(Generic[T, R]):
         if self._contention is None:
             heavy, heavy_cap = frozenset(), full
         else:
-            contention = self._contention.limit(self._queued_images, self._cost.fit(), now)
+            contention = self._contention.limit(self._queued_images, self._cost.fit, now)
             heavy, heavy_cap = contention.heavy, contention.heavy_batch_images
         holds_heavy = False
         while size < full:

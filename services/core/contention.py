@@ -15,6 +15,7 @@ look light at the very moment a batch is formed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.core.batch_cost import LinearCost
@@ -53,19 +54,26 @@ class ContentionTracker:
             self._in_flight.pop(client, None)
         self._last_answer[client] = now
 
-    def limit(self, queued_images: dict[str, int], cost: LinearCost | None, now: float) -> ContentionLimit:
-        """The limit for the batch formed now; no limit without both a heavy and a light client."""
+    def limit(
+        self, queued_images: dict[str, int], cost: Callable[[], LinearCost | None], now: float
+    ) -> ContentionLimit:
+        """The limit for the batch formed now; no limit without both a heavy and a light client.
+
+        ``cost`` gives the batch cost model's current fit (None before any batch ran); it is asked only
+        while clients contend.
+        """
         self._forget(now)
         active = set(self._in_flight) | set(self._last_answer)
         for client in active:
             self._note_heavy(client, queued_images.get(client, 0), now)
         heavy = frozenset(c for c in active if self._heavy_until.get(c, -1.0) >= now)
         light = active - heavy
-        if not heavy or not light or cost is None:
+        fit = cost() if heavy and light else None
+        if fit is None:
             return ContentionLimit(frozenset(), self.max_batch_images)
         smallest = min(self._request_images[c] for c in light)
-        budget_s = (1.0 + self.slack) * cost.seconds(smallest)
-        return ContentionLimit(heavy, cost.largest_batch_within(budget_s, self.max_batch_images))
+        budget_s = (1.0 + self.slack) * fit.seconds(smallest)
+        return ContentionLimit(heavy, fit.largest_batch_within(budget_s, self.max_batch_images))
 
     def _note_heavy(self, client: str, queued_images: int, now: float) -> None:
         if self._in_flight.get(client, 0) >= 2 or queued_images > self.max_batch_images:

@@ -222,10 +222,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         not be contiguous in the request.
         """
         batch = decode_samples(request, scorer, self.limits, reserve)
-        cfg = self.batcher.config if self.batcher else None
-        batch_size = min(cfg.max_job_images, cfg.max_batch_images) if cfg else len(batch)
+        job_images = self.batcher.config.job_images if self.batcher else len(batch)
         return [
-            (indices, batch.select(indices)) for indices in pack_groups(batch.group_ids, max_count=batch_size)
+            (indices, batch.select(indices)) for indices in pack_groups(batch.group_ids, max_count=job_images)
         ]
 
     async def _submit(
