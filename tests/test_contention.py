@@ -48,7 +48,8 @@ def test_a_flood_down_to_one_request_stays_heavy_for_the_window() -> None:
     tracker = _flood_and_small()
     tracker.request_finished("small", 0.4)
     tracker.request_started("small", 4, 4, 0.45)
-    assert tracker.limit({"flood": 64, "small": 4}, lambda: PROPORTIONAL, 0.45).heavy == {"flood"}  # 2 waiting
+    two_waiting = {"flood": 64, "small": 4}
+    assert tracker.limit(two_waiting, lambda: PROPORTIONAL, 0.45).heavy == {"flood"}
     tracker.request_finished("flood", 0.5)  # one request left, the next one about to be sent
     queued = {"flood": 32, "small": 4}
     assert tracker.limit(queued, lambda: PROPORTIONAL, 0.54).heavy == {"flood"}  # seen heavy 0.09 s ago
