@@ -131,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc-trim-threshold-mb",
         type=int,
         default=(d_srv.malloc_trim_threshold_bytes or 0) // 2**20,
-        help="glibc: freed memory kept for reuse, buffers up to 32 MB from the heap; 0 keeps the defaults",
+        help="glibc: freed memory kept for reuse, buffers up to 32 MB from one heap shared by all threads; "
+        "0 keeps the defaults",
     )
     p.add_argument("--log-level", default="INFO")
     option_scorer, option_dests = _scorer_options(p, argv)

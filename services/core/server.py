@@ -73,8 +73,9 @@ class ServerConfig:
     """Close HTTP/2 connections after this age so long-lived clients rebalance across replicas."""
     malloc_trim_threshold_bytes: int | None = 1024**3
     """glibc only, set for the whole process at start: freed memory kept for reuse instead of returned
-    to the kernel at once, and buffers up to 32 MB served from the heap, so that requests stop
-    page-faulting their buffers in anew (:mod:`services.core.allocator`). None keeps glibc's defaults."""
+    to the kernel at once, buffers up to 32 MB served from the heap, and one heap for every thread (the
+    model's worker thread included), so that requests and batches stop page-faulting their buffers in
+    anew (:mod:`services.core.allocator`). None keeps glibc's defaults."""
 
     def __post_init__(self) -> None:
         if self.max_decoded_pixels < self.limits.max_pixels_per_request:
