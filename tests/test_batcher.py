@@ -77,6 +77,36 @@ def test_flushes_a_small_batch_after_max_delay() -> None:
     run(main())
 
 
+def test_jobs_queued_behind_a_running_batch_wait_for_the_clients_it_answers() -> None:
+    """Closed-loop clients that start in two cohorts merge into one batch, not alternating halves."""
+
+    async def main() -> None:
+        model = Model(seconds=0.2)
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=32, max_delay_ms=50))
+        batcher.start()
+
+        async def client(name: str, start_s: float) -> None:
+            await asyncio.sleep(start_s)
+            for i in range(4):
+                await batcher.submit(name, [(f"{name}{i}", 1)])
+                await asyncio.sleep(0.01)  # the answer's way back and the next request's way in
+
+        # a and b are in the model from 0.05 to 0.25 s; c and d arrive at 0.1 s, behind that batch.
+        # Counted from arrival, their delay would be up at 0.15 s, so they would run alone the moment
+        # the model is free, a and b behind them, and so on: eight batches of two.
+        await asyncio.gather(client("a", 0), client("b", 0), client("c", 0.1), client("d", 0.1))
+        assert [sorted(b) for b in model.batches] == [
+            ["a0", "b0"],
+            ["a1", "b1", "c0", "d0"],
+            ["a2", "b2", "c1", "d1"],
+            ["a3", "b3", "c2", "d2"],
+            ["c3", "d3"],
+        ]
+        await batcher.close()
+
+    run(main())
+
+
 def test_round_robin_in_images_between_a_flooder_and_a_small_client() -> None:
     """While both are backlogged, each batch is shared equally in images."""
 

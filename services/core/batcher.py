@@ -1,11 +1,11 @@
 """Fair dynamic batcher: merges work from many clients into model batches.
 
 Knows nothing about gRPC. Each client (a team's token, or a connection) has its own FIFO queue. A batch
-is flushed when ``max_batch_images`` are waiting or the oldest waiting job is ``max_delay_ms`` old, and
-it is filled by always taking the next job from the backlogged client that has been served the fewest
-images so far (start-time fair queueing, measured in images). A trainer sending 256-image requests
-therefore cannot starve an evaluation job sending 4 images at a time: both get an equal share of each
-batch while both are backlogged.
+is flushed when ``max_batch_images`` are waiting or the oldest waiting job has waited ``max_delay_ms`` for
+the model (time behind a running batch does not count), and it is filled by always taking the next job
+from the backlogged client that has been served the fewest images so far (start-time fair queueing,
+measured in images). A trainer sending 256-image requests therefore cannot starve an evaluation job
+sending 4 images at a time: both get an equal share of each batch while both are backlogged.
 
 A client that becomes backlogged starts at the smallest count among the clients already waiting, so
 idle time cannot be banked into a later burst.
@@ -43,7 +43,8 @@ class BatcherConfig:
     max_batch_images: int = 32
     """Flush as soon as this many images wait; a batch never exceeds it unless one job alone does."""
     max_delay_ms: float = 5.0
-    """Flush when the oldest waiting job has waited this long, even if the batch is small."""
+    """Flush when the oldest waiting job has waited this long since the model was free to take it
+    (arrival, or the end of the batch it queued behind), even if the batch is small."""
     max_queued_images_per_client: int = 1024
     """Per-client bound; past it the client is told RESOURCE_EXHAUSTED (other clients are unaffected)."""
     max_queued_images: int = 4096
@@ -150,6 +151,7 @@ class FairBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
+        self._model_free_since = float("-inf")  # loop time the last batch ended
         self._cost = BatchCostModel()
         slack = self.config.contention_latency_slack
         self._contention = (
@@ -278,13 +280,20 @@ class FairBatcher(Generic[T, R]):
                 await self._execute(loop, batch)
 
     async def _wait_for_flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Return once a full batch waits, the oldest job is max_delay_ms old, or we are draining."""
+        """Return once a full batch waits, the oldest job has waited max_delay_ms for the model, or we
+        are draining.
+
+        A job's delay counts from when the model could first have taken it, not from its arrival. Jobs
+        that queued behind a running batch would otherwise flush the moment it ends, before the clients
+        it just answered send their next requests, and closed-loop clients would settle into two
+        cohorts running half batches (twice the batches for the same work, which a GPU pays for).
+        """
         delay = self.config.max_delay_ms / 1000.0
         while self._total_queued < self.config.max_batch_images and not self._closing:
             oldest = min((q[0].enqueued for q in self._queues.values() if q), default=None)
             if oldest is None:
                 return
-            remaining = oldest + delay - loop.time()
+            remaining = max(oldest, self._model_free_since) + delay - loop.time()
             if remaining <= 0:
                 return
             self._arrival.clear()
@@ -372,6 +381,7 @@ class FairBatcher(Generic[T, R]):
                     job.future.set_exception(exc)
             return
         finally:
+            self._model_free_since = loop.time()
             seconds = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.batch_done(num_images, len(batch), seconds)
