@@ -107,6 +107,39 @@ def test_jobs_queued_behind_a_running_batch_wait_for_the_clients_it_answers() ->
     run(main())
 
 
+def test_a_client_back_right_after_its_answer_does_not_win_every_tie() -> None:
+    """A closed-loop client cannot starve a heavy client whose backlog is smaller than a batch.
+
+    The heavy client's 28 images are less than a batch, so each batch waits max_delay_ms for more work,
+    and the light client's next request arrives meanwhile. Were it to restart level with the heavy
+    client each time, it would win every tie (light first) and take every batch while it kept sending.
+    """
+
+    async def main() -> None:
+        model = Model(seconds=0.04)
+        config = BatcherConfig(max_batch_images=32, max_delay_ms=30, active_window_ms=1000)
+        batcher = FairBatcher(model, config)
+        batcher.start()
+        await batcher.submit("light", [("warm", 4)])  # one batch of 4 for the cost model
+
+        # Two requests in flight make "heavy" heavy; while both clients are active its batches are
+        # kept to the light client's own size (4 images), so the two take turns, one job a batch.
+        heavy_jobs = [[(f"H{r}{i}", 4) for i in range(3)] + [(f"H{r}3", 2)] for r in range(2)]
+        heavy = asyncio.gather(*(batcher.submit("heavy", jobs) for jobs in heavy_jobs))
+        await asyncio.sleep(0)
+        for i in range(6):
+            await batcher.submit("light", [(f"l{i}", 4)])
+        await heavy
+        # Up to the last batch holding heavy work, no two batches in a row are the light client's alone.
+        holds_heavy = [any(p.startswith("H") for p in batch) for batch in model.batches[1:]]
+        last_heavy = max(i for i, h in enumerate(holds_heavy) if h)
+        pattern = "".join("H" if h else "l" for h in holds_heavy[: last_heavy + 1])
+        assert "ll" not in pattern, model.batches
+        await batcher.close()
+
+    run(main())
+
+
 def test_round_robin_in_images_between_a_flooder_and_a_small_client() -> None:
     """While both are backlogged, each batch is shared equally in images."""
 

@@ -7,8 +7,11 @@ from the backlogged client that has been served the fewest images so far (start-
 measured in images). A trainer sending 256-image requests therefore cannot starve an evaluation job
 sending 4 images at a time: both get an equal share of each batch while both are backlogged.
 
-A client that becomes backlogged starts at the smallest count among the clients already waiting, so
-idle time cannot be banked into a later burst.
+The counts are tags on one virtual clock: the count at which the last job taken started. A client that
+becomes backlogged starts at that clock or at its own count, whichever is larger. Idle time therefore
+cannot be banked into a later burst, and a client that was just served cannot come back level with a
+waiting one and win every tie: a one-request-at-a-time client would otherwise take every batch formed
+after its next request arrives, and starve a client whose backlog is smaller than a batch.
 
 Fair order alone cannot stop a flood from delaying a small client, because a batch is never preempted;
 while clients contend, batches holding a flood's work are kept short (:mod:`services.core.contention`),
@@ -145,6 +148,7 @@ class FairBatcher(Generic[T, R]):
         self._observer = observer
         self._queues: dict[str, collections.deque[_Job[T, R]]] = {}
         self._served: dict[str, int] = {}  # images served while backlogged (fair-queueing clock)
+        self._virtual = 0  # the count at which the last job taken started
         self._queued_images: dict[str, int] = {}
         self._total_queued = 0
         self._arrival = asyncio.Event()
@@ -189,11 +193,8 @@ class FairBatcher(Generic[T, R]):
         deadline = None if timeout_s is None else now + timeout_s
         queue = self._queues.get(client)
         if not queue:
-            # A newly backlogged client starts level with the least-served waiting client, so idle
-            # time is never banked into a later burst.
-            waiting = [self._served[c] for c, q in self._queues.items() if q]
             queue = self._queues[client] = collections.deque()
-            self._served[client] = min(waiting, default=0)
+            self._served[client] = max(self._served.get(client, 0), self._virtual)
         queued = [_Job(client, payload, size, deadline, now, loop.create_future()) for payload, size in jobs]
         queue.extend(queued)
         self._queued_images[client] = self._queued_images.get(client, 0) + total
@@ -329,7 +330,8 @@ class FairBatcher(Generic[T, R]):
                 break
             job = self._queues[best][0]
             self._remove(job)
-            self._served[best] = self._served.get(best, 0) + job.size
+            self._virtual = max(self._virtual, self._served[best])  # a job skipped for size can lag
+            self._served[best] += job.size
             batch.append(job)
             size += job.size
             holds_heavy = holds_heavy or best in heavy
@@ -352,8 +354,10 @@ class FairBatcher(Generic[T, R]):
     def _forget_idle_clients(self) -> None:
         for client in [c for c, q in self._queues.items() if not q]:
             del self._queues[client]
-            self._served.pop(client, None)
             self._queued_images.pop(client, None)
+        # An idle client's count matters only while it is ahead of the clock (it was just served).
+        for client in [c for c, n in self._served.items() if c not in self._queues and n <= self._virtual]:
+            del self._served[client]
 
     def _remove(self, job: _Job[T, R]) -> bool:
         queue = self._queues.get(job.client)
