@@ -44,16 +44,22 @@ def test_light_client_is_protected_between_requests_then_forgotten() -> None:
     assert tracker.limit(queued, lambda: PROPORTIONAL, 1.2).heavy == frozenset()  # small left: full batches
 
 
-def test_a_flood_down_to_one_request_stays_heavy_for_the_window() -> None:
+def test_a_flood_down_to_one_request_stays_heavy_until_it_drains() -> None:
     tracker = _flood_and_small()
     tracker.request_finished("small", 0.4)
     tracker.request_started("small", 4, 4, 0.45)
     two_waiting = {"flood": 64, "small": 4}
     assert tracker.limit(two_waiting, lambda: PROPORTIONAL, 0.45).heavy == {"flood"}
-    tracker.request_finished("flood", 0.5)  # one request left, the next one about to be sent
-    queued = {"flood": 32, "small": 4}
-    assert tracker.limit(queued, lambda: PROPORTIONAL, 0.54).heavy == {"flood"}  # seen heavy 0.09 s ago
-    assert tracker.limit(queued, lambda: PROPORTIONAL, 0.6).heavy == frozenset()  # it really slowed down
+    tracker.request_finished("flood", 0.5)  # one request left, the next one not sent
+    # Its last request's remaining 22 images are still a flood's backlog, however long they take.
+    for now in (0.54, 0.6, 0.68, 0.76):
+        assert tracker.limit({"flood": 22, "small": 4}, lambda: PROPORTIONAL, now).heavy == {"flood"}
+    # Drained by 0.8: heavy for the window after, then a one-request client like any other.
+    assert tracker.limit({"small": 4}, lambda: PROPORTIONAL, 0.8).heavy == {"flood"}
+    tracker.request_finished("flood", 0.84)
+    assert tracker.limit({"small": 4}, lambda: PROPORTIONAL, 0.92).heavy == frozenset()
+    tracker.request_started("flood", 32, 32, 0.95)
+    assert tracker.limit({"flood": 32, "small": 4}, lambda: PROPORTIONAL, 0.95).heavy == frozenset()
 
 
 def test_no_limit_among_equals_and_one_huge_request_is_heavy() -> None:

@@ -9,8 +9,9 @@ at most the size whose predicted run time is (1 + slack) × that of the smallest
 
 A client is active while it has requests in flight and for ``window_s`` after its last answer (so a
 closed-loop client between two requests counts); a client is heavy from the moment it shows heavy
-traffic until ``window_s`` after it last did (so a flood that briefly has one request left does not
-look light at the very moment a batch is formed).
+traffic until ``window_s`` after it last did or, if later, after its backlog last drained. A flood whose
+backlog has shrunk to its last, part-served request is still a flood: with its work merged freely, a
+batch would carry that backlog whole (20-odd images) next to the light client's four.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ContentionTracker:
         self._request_images: dict[str, int] = {}  # each client's latest request
         self._last_answer: dict[str, float] = {}
         self._heavy_until: dict[str, float] = {}
+        self._backlogged: set[str] = set()  # heavy, and not drained since (seen at batch formation)
 
     def request_started(self, client: str, num_images: int, queued_images: int, now: float) -> None:
         self._in_flight[client] = self._in_flight.get(client, 0) + 1
@@ -66,7 +68,7 @@ class ContentionTracker:
         active = set(self._in_flight) | set(self._last_answer)
         for client in active:
             self._note_heavy(client, queued_images.get(client, 0), now)
-        heavy = frozenset(c for c in active if self._heavy_until.get(c, -1.0) >= now)
+        heavy = frozenset(c for c in active if c in self._backlogged or self._heavy_until.get(c, -1.0) >= now)
         light = active - heavy
         fit = cost() if heavy and light else None
         if fit is None:
@@ -78,6 +80,10 @@ class ContentionTracker:
     def _note_heavy(self, client: str, queued_images: int, now: float) -> None:
         if self._in_flight.get(client, 0) >= 2 or queued_images > self.max_batch_images:
             self._heavy_until[client] = now + self.window_s
+            self._backlogged.add(client)
+        elif queued_images == 0 and client in self._backlogged:
+            self._backlogged.discard(client)
+            self._heavy_until[client] = now + self.window_s
 
     def _forget(self, now: float) -> None:
         for client in [c for c, t in self._last_answer.items() if now - t > self.window_s]:
@@ -85,5 +91,6 @@ class ContentionTracker:
         for client in [c for c, t in self._heavy_until.items() if t < now]:
             del self._heavy_until[client]
         known = set(self._in_flight) | set(self._last_answer)
+        self._backlogged &= known
         for client in [c for c in self._request_images if c not in known]:
             del self._request_images[client]
