@@ -68,11 +68,14 @@ class Plan:
     in_process_s: float
     transport_repeats: int
     transport_alternations: int
-    """Null-model round trips alternate between the two servers this many times (median taken)."""
+    """Null-model round trips alternate between the servers this many times; the target is the median of
+    the per-round ratios."""
     target_rounds: int
     """Rounds of the target pairs (see the module docstring); the median ratio over rounds is reported."""
     saturated: Cell
-    """The gRPC cell with the most images in flight: full batches, compared with in-process batch 32."""
+    """A gRPC cell that keeps the model running full batches (64 images in flight for batches of 32),
+    compared with in-process batch 32. Four clients rather than sixteen: the same full batches in a
+    window a quarter as long, so more rounds fit."""
     pool_size: int = 64
 
 
@@ -86,9 +89,9 @@ FULL = Plan(
     passes=2,
     in_process_s=4.0,
     transport_repeats=8,
-    transport_alternations=3,
-    target_rounds=4,
-    saturated=(16, 16),
+    transport_alternations=7,
+    target_rounds=8,
+    saturated=(4, 16),
 )
 QUICK = Plan(
     cells=((8, 4), (4, 16), (1, PREFERRED_BATCH)),
@@ -128,6 +131,10 @@ def run_transport(plan: Plan, pool: np.ndarray) -> dict[str, Any]:
     table = transport.transport_table(codec, {k: medians[k] for k in ("grpc", "http")})
     # The same request bytes through gRPC alone: how much of the gRPC path's wire share is gRPC's own.
     table["grpc_floor_ms"] = medians["grpc_floor"]
+    # The target's ratio pairs round trips measured seconds apart, as the throughput targets do.
+    table["http_over_grpc_each_round"] = [h / g for h, g in zip(trips["http"], trips["grpc"], strict=True)]
+    table["http_over_grpc_paired"] = float(np.median(table["http_over_grpc_each_round"]))
+    table["round_trips_ms"] = trips
     return {
         "costs": table,
         "jpeg_drift": transport.jpeg_drift(scorer, images, reference),
@@ -268,7 +275,13 @@ def targets(plan: Plan, grid: dict[str, Any], transport_result: dict[str, Any]) 
             ),
             "target": ">= 0.95",
         },
-        "transport_cost_http_over_grpc": {"value": costs["http_over_grpc"], "target": ">= 3"},
+        "transport_cost_http_over_grpc": {
+            "detail": f"median of {len(costs['http_over_grpc_each_round'])} alternated rounds",
+            "value": costs["http_over_grpc_paired"],
+            "each_round": costs["http_over_grpc_each_round"],
+            "of_medians": costs["http_over_grpc"],
+            "target": ">= 3",
+        },
         "grpc_lossless_max_abs_diff": {"value": grid["grpc_max_abs_diff_vs_in_process"], "target": "== 0"},
         "grpc_8x4_over_1x32": {
             "detail": f"median of {len(rounds)} paired rounds",
