@@ -161,16 +161,7 @@ def run_grid(plan: Plan, pool: np.ndarray, reference: np.ndarray) -> dict[str, A
                 order = ("grpc", "http") if (index + position) % 2 == 0 else ("http", "grpc")
                 for system in order:
                     if system == "grpc":
-                        cell = asyncio.run(
-                            grpc_cell(
-                                served.endpoint,
-                                clients=clients,
-                                request_size=size,
-                                pool=pool,
-                                window=plan.window,
-                                metrics_port=served.metrics_port,
-                            )
-                        )
+                        cell = _grpc_cell(plan, served, pool, clients, size)
                     else:
                         cell = http_cell(
                             url, clients=clients, request_size=size, pool=pool, window=plan.window
@@ -213,17 +204,7 @@ def run_target_round(
         if system is None:
             measured[system] = in_process_cell(score_in_process, PREFERRED_BATCH, plan.in_process_s)
             continue
-        clients, size = system
-        measured[system] = asyncio.run(
-            grpc_cell(
-                served.endpoint,
-                clients=clients,
-                request_size=size,
-                pool=pool,
-                window=plan.window,
-                metrics_port=served.metrics_port,
-            )
-        )
+        measured[system] = _grpc_cell(plan, served, pool, *system)
         _progress("grpc", measured[system])
     rate = {system: cell["images_per_s"] for system, cell in measured.items()}
     out: dict[str, Any] = {
@@ -240,6 +221,22 @@ def run_target_round(
         flush=True,
     )
     return out
+
+
+def _grpc_cell(
+    plan: Plan, served: ServedEndpoint, pool: np.ndarray, clients: int, size: int
+) -> dict[str, Any]:
+    """One closed-loop cell against our server, with its batch statistics."""
+    return asyncio.run(
+        grpc_cell(
+            served.endpoint,
+            clients=clients,
+            request_size=size,
+            pool=pool,
+            window=plan.window,
+            metrics_port=served.metrics_port,
+        )
+    )
 
 
 def _progress(system: str, cell: dict[str, Any]) -> None:
