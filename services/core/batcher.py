@@ -147,7 +147,7 @@ class FairBatcher(Generic[T, R]):
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._observer = observer
         self._queues: dict[str, collections.deque[_Job[T, R]]] = {}
-        self._served: dict[str, int] = {}  # images served while backlogged (fair-queueing clock)
+        self._served: dict[str, int] = {}  # each client's tag on the virtual clock, in images served
         self._virtual = 0  # the count at which the last job taken started
         self._queued_images: dict[str, int] = {}
         self._total_queued = 0

@@ -9,9 +9,9 @@ at most the size whose predicted run time is (1 + slack) × that of the smallest
 
 A client is active while it has requests in flight and for ``window_s`` after its last answer (so a
 closed-loop client between two requests counts); a client is heavy from the moment it shows heavy
-traffic until ``window_s`` after it last did or, if later, after its backlog last drained. A flood whose
-backlog has shrunk to its last, part-served request is still a flood: with its work merged freely, a
-batch would carry that backlog whole (20-odd images) next to the light client's four.
+traffic until ``window_s`` after it is next seen with nothing queued. A flood whose backlog has shrunk
+to its last, part-served request is still a flood: with its work merged freely, a batch would carry that
+backlog whole (20-odd images) next to the light client's four.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class ContentionTracker:
         self._in_flight: dict[str, int] = {}
         self._request_images: dict[str, int] = {}  # each client's latest request
         self._last_answer: dict[str, float] = {}
-        self._heavy_until: dict[str, float] = {}
-        self._backlogged: set[str] = set()  # heavy, and not drained since (seen at batch formation)
+        self._backlogged: set[str] = set()  # showed heavy traffic, not seen drained since
+        self._heavy_until: dict[str, float] = {}  # drained: heavy for window_s more
 
     def request_started(self, client: str, num_images: int, queued_images: int, now: float) -> None:
         self._in_flight[client] = self._in_flight.get(client, 0) + 1
@@ -79,7 +79,6 @@ class ContentionTracker:
 
     def _note_heavy(self, client: str, queued_images: int, now: float) -> None:
         if self._in_flight.get(client, 0) >= 2 or queued_images > self.max_batch_images:
-            self._heavy_until[client] = now + self.window_s
             self._backlogged.add(client)
         elif queued_images == 0 and client in self._backlogged:
             self._backlogged.discard(client)
