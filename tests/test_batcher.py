@@ -107,6 +107,36 @@ def test_jobs_queued_behind_a_running_batch_wait_for_the_clients_it_answers() ->
     run(main())
 
 
+def test_equal_closed_loop_clients_keep_full_batches() -> None:
+    """A started request finishes before later ones, so clients that come back one after another
+    still fill every batch.
+
+    Four clients keep one 16-image request (four jobs) in flight on a 32-image model, and each takes
+    a different time to come back with its next request. Shared job by job, every request would be
+    split over two batches, all four answered by the second, and the first one back would run alone
+    after max_delay_ms, batch after batch.
+    """
+
+    async def main() -> None:
+        model = Model(seconds=0.2)
+        batcher = FairBatcher(model, BatcherConfig(max_batch_images=32, max_delay_ms=10))
+        batcher.start()
+
+        async def client(k: int) -> None:
+            for i in range(4):
+                await batcher.submit(f"c{k}", [(f"c{k}r{i}j{j}", 4) for j in range(4)])
+                await asyncio.sleep(0.03 * k)  # the way back: 0 to 90 ms, each its own
+
+        await asyncio.gather(*(client(k) for k in range(4)))
+        sizes = [4 * len(batch) for batch in model.batches]
+        assert sizes == [32] * 8, model.batches
+        for batch in model.batches:  # two whole requests a batch
+            assert len({p.split("j")[0] for p in batch}) == 2, model.batches
+        await batcher.close()
+
+    run(main())
+
+
 def test_a_client_back_right_after_its_answer_does_not_win_every_tie() -> None:
     """A closed-loop client cannot starve a heavy client whose backlog is smaller than a batch.
 
