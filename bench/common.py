@@ -116,6 +116,7 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": _git_commit(),
+        "git_uncommitted_changes": _git_uncommitted(),
         "machine": machine(),
         **payload,
     }
@@ -124,14 +125,22 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or None
+
+
+def _git_uncommitted() -> list[str] | None:
+    """Tracked files that differ from ``git_commit`` (results aside): a run of uncommitted code says so."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return None if status is None else [line[3:] for line in status.splitlines()]
 
 
 class Stopwatch:
