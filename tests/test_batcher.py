@@ -137,6 +137,26 @@ def test_equal_closed_loop_clients_keep_full_batches() -> None:
     run(main())
 
 
+def test_a_started_request_does_not_go_ahead_of_a_smaller_one() -> None:
+    """Finishing a started request first never delays a smaller request: that one goes by fair order."""
+
+    async def main() -> None:
+        model = Model(seconds=0.2)
+        config = BatcherConfig(max_batch_images=8, max_delay_ms=0, contention_latency_slack=None)
+        batcher = FairBatcher(model, config)
+        batcher.start()
+        big = asyncio.create_task(batcher.submit("big", [(f"b{i}", 4) for i in range(4)]))
+        await asyncio.sleep(0.05)  # b0 and b1 are in the model; b2 and b3 wait
+        await batcher.submit("small", [("s0", 4)])
+        await big
+        # Behind the first batch, the small request (4 images) runs next to one more job of the big one,
+        # not after the big one's 8 remaining images.
+        assert [sorted(b) for b in model.batches] == [["b0", "b1"], ["b2", "s0"], ["b3"]]
+        await batcher.close()
+
+    run(main())
+
+
 def test_a_client_back_right_after_its_answer_does_not_win_every_tie() -> None:
     """A closed-loop client cannot starve a heavy client whose backlog is smaller than a batch.
 
