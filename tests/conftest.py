@@ -10,12 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
 from services.core.server import RewardServer, ServerConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+GENEVAL_SAMPLE = SHARED / "data" / "geneval_metadata_format_sample.jsonl"
+"""Upstream GenEval metadata records, the format our prompt files must match."""
+needs_geneval_sample = pytest.mark.skipif(
+    not GENEVAL_SAMPLE.is_file(), reason=f"{GENEVAL_SAMPLE} not present"
+)
 
 
 class MeanPixelScorer:

@@ -1,7 +1,6 @@
 """GenEval metadata validation and rule engine, checked against hand computations (REFERENCE.md §4)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from services.geneval.rules import (
     relative_position,
     score_threshold,
 )
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval_metadata_format_sample.jsonl"
+from tests.conftest import GENEVAL_SAMPLE, needs_geneval_sample
 
 
 def det(
@@ -347,8 +345,9 @@ def test_config_validation(kwargs, field):
 # metadata ------------------------------------------------------------------------------------------------
 
 
+@needs_geneval_sample
 def test_parse_sample_file():
-    lines = SAMPLE.read_text().splitlines()
+    lines = GENEVAL_SAMPLE.read_text().splitlines()
     assert len(lines) == 12
     parsed = [parse_metadata(line) for line in lines]
     assert parsed[0].include == (

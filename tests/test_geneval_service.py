@@ -42,12 +42,10 @@ from services.geneval.scorer import OUTPUTS, GenEvalScorer
 from services.serve import parse_args
 from shapes import prompts as shapes_prompts
 from shapes.render import render, sample_scene
-from tests.conftest import running_server
+from tests.conftest import GENEVAL_SAMPLE, needs_geneval_sample, running_server
 from tests.test_cli import serve
 
 TOKENIZER = open_clip.get_tokenizer("ViT-L-14")  # open_clip's bundled CLIP BPE, offline
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval_metadata_format_sample.jsonl"
 
 
 def run(coro, timeout: float = 60):
@@ -439,6 +437,7 @@ def test_serve_geneval_from_the_shell() -> None:
 # prompts ----------------------------------------------------------------------------------------------------
 
 
+@needs_geneval_sample
 def test_prompt_builders_reproduce_upstream_records() -> None:
     rebuilt = {
         "single_object": lambda inc: single_object(inc[0]["class"]),
@@ -448,7 +447,7 @@ def test_prompt_builders_reproduce_upstream_records() -> None:
             inc[0]["class"], inc[0]["color"], inc[1]["class"], inc[1]["color"]
         ),
     }
-    records = read_metadata_jsonl(SAMPLE, known_classes=GENEVAL_CLASSES)
+    records = read_metadata_jsonl(GENEVAL_SAMPLE, known_classes=GENEVAL_CLASSES)
     assert len(records) == 12
     for record in records:
         assert rebuilt[record["tag"]](record["include"]) == record
@@ -483,15 +482,18 @@ def test_generated_prompts_follow_geneval_conventions() -> None:
     assert counting("bus", 3)["prompt"] == "a photo of three buses"
 
 
+@needs_geneval_sample
 def test_prompts_cli_writes_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "train.jsonl"
     assert prompts_main(["--out", str(out), "--num", "7", "--seed", "1"]) == 0
     assert read_metadata_jsonl(out, known_classes=GENEVAL_CLASSES) == generate(7, seed=1)
-    assert prompts_main(["--validate", str(SAMPLE)]) == 0
+    assert prompts_main(["--validate", str(GENEVAL_SAMPLE)]) == 0
     assert "12 records" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        SAMPLE.read_text().splitlines()[0] + "\n\n" + '{"tag": "colors", "include": [{"class": "cow"}]}\n'
+        GENEVAL_SAMPLE.read_text().splitlines()[0]
+        + "\n\n"
+        + '{"tag": "colors", "include": [{"class": "cow"}]}\n'
     )
     with pytest.raises(ValueError, match=r"bad.jsonl:3: include\[0\].count"):
         read_metadata_jsonl(bad)

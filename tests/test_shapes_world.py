@@ -21,6 +21,7 @@ from shapes.render import main as render_main
 from shapes.render import render, sample_scene
 from shapes.scene import SceneConfig, plan_scene
 from shapes.vocab import BACKGROUND_RGB, CLASSES, COLOR_NAMES, COLORS, RELATIONS, TAGS
+from tests.conftest import GENEVAL_SAMPLE, needs_geneval_sample
 
 NUM_SCENES_PER_TAG = 200  # 1,200 scenes in all
 
@@ -294,11 +295,12 @@ def test_prompt_wording_follows_geneval():
     }
 
 
+@needs_geneval_sample
 def test_every_prompt_metadata_is_valid_geneval_format():
     from services.geneval.metadata import parse_metadata
 
-    sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval_metadata_format_sample.jsonl"
-    sample_keys = {tuple(json.loads(line)) for line in sample.read_text().splitlines() if line.strip()}
+    lines = GENEVAL_SAMPLE.read_text().splitlines()
+    sample_keys = {tuple(json.loads(line)) for line in lines if line.strip()}
     seen_prompts = set()
     for tag in TAGS:
         records = prompts.all_metadata(tag)
