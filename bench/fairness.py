@@ -2,12 +2,14 @@
 
     python -m bench.fairness [--quick] [--torch-threads N]
 
-The small client sends 4-image requests one at a time; the flooder keeps two 64-image requests in flight
-under another client name. Each pass measures the small client alone, then under the flood (its
+The small client sends 4-image requests one at a time, either the moment it has an answer or after a
+0.3-s pause (an evaluation loop preparing its next images); the flooder keeps two 64-image requests in
+flight under another client name. Each pass measures the small client alone, then under the flood (its
 latencies there leave out its first request, which arrives while the flood runs unopposed, and is
 reported on its own). Servers: our gRPC server with its defaults (``max_batch_images`` 32, batches kept
 short while a light client is active: ``contention_latency_slack``), with that limit off (always-full
-batches of 32), with ``max_batch_images`` 4, and the HTTP baseline, which has no per-client queues.
+batches of 32), with ``max_batch_images`` 4, with the 100-ms activity window of earlier versions, and the
+HTTP baseline, which has no per-client queues.
 Writes ``bench/results/fairness.json`` (``fairness_quick.json`` with ``--quick``).
 """
 
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,8 @@ from bench.processes import reward_server
 from services.client import RewardClient
 
 SMALL_IMAGES = 4
+THINK_S = (0.0, 0.3)
+"""The small client's pause between an answer and its next request."""
 FLOOD_IMAGES = 64
 FLOOD_IN_FLIGHT = 2
 
@@ -49,18 +53,25 @@ class Plan:
     servers: tuple[str, ...]
     phase_s: float
     passes: int
+    think_s: tuple[float, ...] = THINK_S
 
 
 GRPC_SERVERS: dict[str, list[str]] = {
     "grpc-default": [],
     "grpc-full-batches": ["--contention-latency-slack", "none"],
     "grpc-batch4": ["--max-batch-images", "4"],
+    "grpc-window-100ms": ["--active-window-ms", "100"],
 }
 """Our server's settings compared: defaults (batches kept short while the small client is active),
-always-full batches of 32 (the contention limit off), and batches of at most 4."""
+always-full batches of 32 (the contention limit off), batches of at most 4, and a client counted as
+active for only 100 ms after its answer."""
 
-FULL = Plan(servers=("grpc-default", "grpc-full-batches", "grpc-batch4", "http"), phase_s=12.0, passes=2)
-QUICK = Plan(servers=("grpc-default",), phase_s=5.0, passes=1)
+FULL = Plan(
+    servers=("grpc-default", "grpc-full-batches", "grpc-batch4", "grpc-window-100ms", "http"),
+    phase_s=12.0,
+    passes=2,
+)
+QUICK = Plan(servers=("grpc-default",), phase_s=5.0, passes=1, think_s=(0.0,))
 
 
 @dataclass(kw_only=True)
@@ -73,7 +84,7 @@ class Phase:
 # -- gRPC --------------------------------------------------------------------------------------------
 
 
-async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bool) -> Phase:
+async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bool, think_s: float) -> Phase:
     small = RewardClient(endpoint, client_name="small")
     flooder = RewardClient(endpoint, client_name="flood", max_concurrent_requests=FLOOD_IN_FLIGHT)
     stop = asyncio.Event()
@@ -98,6 +109,7 @@ async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bo
         started = time.perf_counter()
         cursor = 0
         while time.perf_counter() - started < seconds:
+            await asyncio.sleep(think_s)
             t0 = time.perf_counter()
             await small.score(pick(pool, cursor, SMALL_IMAGES), PROMPT)
             latencies.append(time.perf_counter() - t0)
@@ -116,7 +128,7 @@ async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bo
 # -- HTTP --------------------------------------------------------------------------------------------
 
 
-def _http_phase(url: str, pool: np.ndarray, seconds: float, flood: bool) -> Phase:
+def _http_phase(url: str, pool: np.ndarray, seconds: float, flood: bool, think_s: float) -> Phase:
     stop = threading.Event()
     first_flood = threading.Event()
     lock = threading.Lock()
@@ -149,6 +161,7 @@ def _http_phase(url: str, pool: np.ndarray, seconds: float, flood: bool) -> Phas
         started = time.perf_counter()
         cursor = 0
         while time.perf_counter() - started < seconds:
+            time.sleep(think_s)
             t0 = time.perf_counter()
             small.score(pick(pool, cursor, SMALL_IMAGES), [PROMPT] * SMALL_IMAGES)
             latencies.append(time.perf_counter() - t0)
@@ -167,53 +180,71 @@ def _http_phase(url: str, pool: np.ndarray, seconds: float, flood: bool) -> Phas
 
 
 @contextmanager
-def _server(name: str) -> Iterator[Callable[[np.ndarray, float, bool], Phase]]:
+def _server(name: str) -> Iterator[Callable[[np.ndarray, float, bool, float], Phase]]:
     """The named server, and a function running one phase against it."""
     if name == "http":
         with gunicorn_server(free_port(), "clip") as url:
-            yield lambda pool, seconds, flood: _http_phase(url, pool, seconds, flood)
+            yield lambda pool, seconds, flood, think_s: _http_phase(url, pool, seconds, flood, think_s)
         return
     served: AbstractContextManager = reward_server(["clip", *GRPC_SERVERS[name]])
     with served as endpoint:
-        yield lambda pool, seconds, flood: asyncio.run(_grpc_phase(endpoint.endpoint, pool, seconds, flood))
+        yield lambda pool, seconds, flood, think_s: asyncio.run(
+            _grpc_phase(endpoint.endpoint, pool, seconds, flood, think_s)
+        )
+
+
+@dataclass(kw_only=True)
+class Tally:
+    """One (server, think time) pair's phases, pooled over passes."""
+
+    solo: list[float] = field(default_factory=list)
+    flooded: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)
+    flood_images: int = 0
+    flood_seconds: float = 0.0
+
+    def add(self, solo: Phase, flooded: Phase) -> None:
+        self.solo += solo.small_latencies
+        # The first request of a flooded phase comes from a client idle until then: it finds a batch
+        # already running that no limit could have kept short. Reported on its own.
+        self.firsts.append(flooded.small_latencies[0])
+        self.flooded += flooded.small_latencies[1:]
+        self.flood_images += flooded.flood_images
+        self.flood_seconds += flooded.seconds
+
+    def row(self, server: str, think_s: float) -> dict[str, Any]:
+        seconds = self.flood_seconds
+        row = {
+            "server": server,
+            "small_think_s": think_s,
+            "solo_requests": len(self.solo),
+            "solo_p50_ms": percentile_ms(self.solo, 50),
+            "solo_p99_ms": percentile_ms(self.solo, 99),
+            "flooded_requests": len(self.flooded),
+            "flooded_p50_ms": percentile_ms(self.flooded, 50),
+            "flooded_p99_ms": percentile_ms(self.flooded, 99),
+            "flood_images_per_s": self.flood_images / seconds if seconds else None,
+            # What the small client got meanwhile: the flood's loss is largely the share it gave up.
+            "small_images_per_s_flooded": SMALL_IMAGES * (len(self.flooded) + len(self.firsts)) / seconds
+            if seconds
+            else None,
+            "first_flooded_ms": [1000.0 * t for t in self.firsts],
+        }
+        row["p99_ratio"] = row["flooded_p99_ms"] / row["solo_p99_ms"]
+        return row
 
 
 def run(plan: Plan, pool: np.ndarray) -> list[dict[str, Any]]:
     rows = []
     for name in plan.servers:
-        solo: list[float] = []
-        flooded: list[float] = []
-        firsts: list[float] = []
-        flood_images = 0
-        flood_seconds = 0.0
+        tallies = {think_s: Tally() for think_s in plan.think_s}
         with _server(name) as phase:
             for index in range(plan.passes):
-                solo += phase(pool, plan.phase_s, False).small_latencies
-                result = phase(pool, plan.phase_s, True)
-                # The first request of a flooded phase comes from a client idle until then: it finds a
-                # batch already running that no limit could have kept short. Reported on its own.
-                firsts.append(result.small_latencies[0])
-                flooded += result.small_latencies[1:]
-                flood_images += result.flood_images
-                flood_seconds += result.seconds
+                for think_s, tally in tallies.items():
+                    solo = phase(pool, plan.phase_s, False, think_s)
+                    tally.add(solo, phase(pool, plan.phase_s, True, think_s))
                 print(f"  {name}: pass {index + 1}/{plan.passes} done", flush=True)
-        row = {
-            "server": name,
-            "solo_requests": len(solo),
-            "solo_p50_ms": percentile_ms(solo, 50),
-            "solo_p99_ms": percentile_ms(solo, 99),
-            "flooded_requests": len(flooded),
-            "flooded_p50_ms": percentile_ms(flooded, 50),
-            "flooded_p99_ms": percentile_ms(flooded, 99),
-            "flood_images_per_s": flood_images / flood_seconds if flood_seconds else None,
-            # What the small client got meanwhile: the flood's loss is largely the share it gave up.
-            "small_images_per_s_flooded": SMALL_IMAGES * (len(flooded) + len(firsts)) / flood_seconds
-            if flood_seconds
-            else None,
-            "first_flooded_ms": [1000.0 * t for t in firsts],
-        }
-        row["p99_ratio"] = row["flooded_p99_ms"] / row["solo_p99_ms"]
-        rows.append(row)
+        rows += [tally.row(name, think_s) for think_s, tally in tallies.items()]
     return rows
 
 
@@ -232,12 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         f"Small client ({SMALL_IMAGES} images/request) alone and while another client keeps "
         f"{FLOOD_IN_FLIGHT}×{FLOOD_IMAGES} images in flight",
         [
-            *("server", "solo p50", "solo p99", "flooded p50", "flooded p99", "p99 ratio"),
+            *("server", "think s", "solo p50", "solo p99", "flooded p50", "flooded p99", "p99 ratio"),
             *("first flooded (max)", "flood img/s", "small img/s"),
         ],
         [
             [
                 r["server"],
+                r["small_think_s"],
                 r["solo_p50_ms"],
                 r["solo_p99_ms"],
                 r["flooded_p50_ms"],
@@ -251,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
     )
     print("(flooded p50/p99 leave out the first request of each flooded phase, shown apart)")
-    default = rows[0]
+    default = rows[0]  # grpc-default, the small client sending without a pause: the issue's case
     target = {
         "server": default["server"],
         "value": default["p99_ratio"],
@@ -268,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             "glibc_malloc_tuned_every_process": allocator_tuned,
             "small_images_per_request": SMALL_IMAGES,
             "flood": {"images_per_request": FLOOD_IMAGES, "in_flight": FLOOD_IN_FLIGHT},
-            "plan": {"phase_s": plan.phase_s, "passes": plan.passes},
+            "plan": {"phase_s": plan.phase_s, "passes": plan.passes, "think_s": list(plan.think_s)},
             "load_average_before": load_before,
             "rows": rows,
             "target": target,

@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=BatcherConfig.contention_latency_slack,
         help='"none" keeps batches full while clients contend',
     )
+    p.add_argument("--active-window-ms", type=float, default=BatcherConfig.active_window_ms)
     return p.parse_args(argv)
 
 
@@ -64,6 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_batch_images=args.max_batch_images,
             max_delay_ms=args.max_delay_ms,
             contention_latency_slack=args.contention_latency_slack,
+            active_window_ms=args.active_window_ms,
         ),
     )
     server = RewardServer(lambda: build(args), args.scorer, config)

@@ -44,6 +44,20 @@ def test_light_client_is_protected_between_requests_then_forgotten() -> None:
     assert tracker.limit(queued, lambda: PROPORTIONAL, 1.2).heavy == frozenset()  # small left: full batches
 
 
+def test_by_default_a_client_pausing_between_requests_stays_light() -> None:
+    """The default window covers a client that prepares its next request for a few hundred ms (an
+    evaluation loop), not only one that sends it the moment it has its answer."""
+    tracker = ContentionTracker(
+        slack=0.1, window_s=BatcherConfig().active_window_ms / 1000.0, max_batch_images=32
+    )
+    tracker.request_started("flood", 32, 32, 0.0)
+    tracker.request_started("flood", 32, 64, 0.0)
+    tracker.request_started("small", 4, 4, 0.0)
+    tracker.request_finished("small", 1.0)
+    # 0.3 s into its pause: the flood's batches are still kept short for it.
+    assert tracker.limit({"flood": 64}, lambda: PROPORTIONAL, 1.3).heavy == {"flood"}
+
+
 def test_a_flood_down_to_one_request_stays_heavy_until_it_drains() -> None:
     tracker = _flood_and_small()
     tracker.request_finished("small", 0.4)

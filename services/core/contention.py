@@ -8,7 +8,7 @@ full batches. This module keeps batches that hold heavy work short while a light
 at most the size whose predicted run time is (1 + slack) × that of the smallest light request alone.
 
 A client is active while it has requests in flight and for ``window_s`` after its last answer (so a
-closed-loop client between two requests counts); a client is heavy from the moment it shows heavy
+client preparing its next request counts); a client is heavy from the moment it shows heavy
 traffic until ``window_s`` after it is next seen with nothing queued. A flood whose backlog has shrunk
 to its last, part-served request is still a flood: with its work merged freely, a batch would carry that
 backlog whole (20-odd images) next to the light client's four.
