@@ -116,10 +116,12 @@ def null_model_servers() -> Iterator[tuple[str, str, str]]:
         yield served.endpoint, url, floor
 
 
-def transport_round(endpoints: tuple[str, str, str], images: np.ndarray, repeats: int) -> dict[str, float]:
-    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back."""
+def transport_round(
+    endpoints: tuple[str, str, str], images: np.ndarray, body: bytes, repeats: int
+) -> dict[str, float]:
+    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back
+    (``body``: ``images`` as our client's request bytes, what the floor server is sent)."""
     ours, url, floor = endpoints
-    body = transport.grpc_encode(images)
     return {
         "grpc": asyncio.run(transport.grpc_round_trip_ms(ours, images, repeats)),
         "http": transport.http_round_trip_ms(url, images, repeats),
@@ -429,14 +431,15 @@ def main(argv: list[str] | None = None) -> None:
     reference = transport.in_process_scores(scorer, images)
     codec = transport.codec_costs(images, plan.transport_repeats)
     drift = transport.jpeg_drift(scorer, images, reference)
+    body = transport.grpc_encode(images)
     trips: dict[str, list[float]] = defaultdict(list)
     with null_model_servers() as endpoints:
         # A server process's first few calls run 2-4x slower (buffers faulted in, connection windows
         # growing); a transport round runs minutes after the one before, so only the first is warmed.
-        transport_round(endpoints, images, repeats=3)
+        transport_round(endpoints, images, body, repeats=3)
 
         def measure_transport() -> None:
-            for name, ms in transport_round(endpoints, images, plan.transport_repeats).items():
+            for name, ms in transport_round(endpoints, images, body, plan.transport_repeats).items():
                 trips[name].append(ms)
             print(f"  transport round: {trips['http'][-1] / trips['grpc'][-1]:.2f}x", flush=True)
 
