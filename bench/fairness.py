@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from bench.common import (
 from bench.http_pickle_baseline import HttpClient, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import PROMPT, pick
-from bench.processes import reward_server
+from bench.processes import ServedEndpoint, reward_server, scrape_batch_metrics
 from services.client import RewardClient
 
 SMALL_IMAGES = 4
@@ -79,12 +79,18 @@ class Phase:
     small_latencies: list[float]
     flood_images: int
     seconds: float
+    batches: dict[str, float] | None = None
+    """What our server's model ran during the phase (batches, images, model seconds; from its
+    metrics): exact to a batch, where ``flood_images`` counts whole 64-image calls."""
 
 
 # -- gRPC --------------------------------------------------------------------------------------------
 
 
-async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bool, think_s: float) -> Phase:
+async def _grpc_phase(
+    served: ServedEndpoint, pool: np.ndarray, seconds: float, flood: bool, think_s: float
+) -> Phase:
+    endpoint = served.endpoint
     small = RewardClient(endpoint, client_name="small")
     flooder = RewardClient(endpoint, client_name="flood", max_concurrent_requests=FLOOD_IN_FLIGHT)
     stop = asyncio.Event()
@@ -105,6 +111,7 @@ async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bo
             # Steady state: the flood's queue is full and its first batches have run.
             await asyncio.wait_for(first_flood.wait(), 120)
         flood_start = flood_done[0]
+        batches_before = await asyncio.to_thread(scrape_batch_metrics, served.metrics_port)
         latencies = []
         started = time.perf_counter()
         cursor = 0
@@ -115,7 +122,13 @@ async def _grpc_phase(endpoint: str, pool: np.ndarray, seconds: float, flood: bo
             latencies.append(time.perf_counter() - t0)
             cursor += SMALL_IMAGES
         elapsed = time.perf_counter() - started
-        return Phase(small_latencies=latencies, flood_images=flood_done[0] - flood_start, seconds=elapsed)
+        batches_after = await asyncio.to_thread(scrape_batch_metrics, served.metrics_port)
+        return Phase(
+            small_latencies=latencies,
+            flood_images=flood_done[0] - flood_start,
+            seconds=elapsed,
+            batches={key: batches_after[key] - batches_before[key] for key in batches_after},
+        )
     finally:
         stop.set()
         for task in tasks:
@@ -186,10 +199,9 @@ def _server(name: str) -> Iterator[Callable[[np.ndarray, float, bool, float], Ph
         with gunicorn_server(free_port(), "clip") as url:
             yield lambda pool, seconds, flood, think_s: _http_phase(url, pool, seconds, flood, think_s)
         return
-    served: AbstractContextManager = reward_server(["clip", *GRPC_SERVERS[name]])
-    with served as endpoint:
+    with reward_server(["clip", *GRPC_SERVERS[name]]) as endpoint:
         yield lambda pool, seconds, flood, think_s: asyncio.run(
-            _grpc_phase(endpoint.endpoint, pool, seconds, flood, think_s)
+            _grpc_phase(endpoint, pool, seconds, flood, think_s)
         )
 
 
@@ -202,6 +214,7 @@ class Tally:
     firsts: list[float] = field(default_factory=list)
     flood_images: int = 0
     flood_seconds: float = 0.0
+    flooded_batches: dict[str, float] = field(default_factory=dict)
 
     def add(self, solo: Phase, flooded: Phase) -> None:
         self.solo += solo.small_latencies
@@ -211,6 +224,8 @@ class Tally:
         self.flooded += flooded.small_latencies[1:]
         self.flood_images += flooded.flood_images
         self.flood_seconds += flooded.seconds
+        for key, value in (flooded.batches or {}).items():
+            self.flooded_batches[key] = self.flooded_batches.get(key, 0.0) + value
 
     def row(self, server: str, think_s: float) -> dict[str, Any]:
         seconds = self.flood_seconds
@@ -230,6 +245,14 @@ class Tally:
             else None,
             "first_flooded_ms": [1000.0 * t for t in self.firsts],
         }
+        executed = self.flooded_batches
+        if executed.get("batches") and seconds:
+            # Both clients together as the model served them, and how: the throughput a setting costs
+            # shows here as batch size and time per batch.
+            row["served_images_per_s"] = executed["images"] / seconds
+            row["mean_batch"] = executed["images"] / executed["batches"]
+            row["batch_ms"] = 1000.0 * executed["model_seconds"] / executed["batches"]
+            row["model_busy"] = executed["model_seconds"] / seconds
         row["p99_ratio"] = row["flooded_p99_ms"] / row["solo_p99_ms"]
         return row
 
@@ -283,6 +306,22 @@ def main(argv: list[str] | None = None) -> None:
         ],
     )
     print("(flooded p50/p99 leave out the first request of each flooded phase, shown apart)")
+    served = [r for r in rows if "served_images_per_s" in r]
+    print_table(
+        "What our server's model ran in the flooded phases (both clients; from its metrics)",
+        ["server", "think s", "served img/s", "mean batch", "ms per batch", "model busy %"],
+        [
+            [
+                r["server"],
+                r["small_think_s"],
+                r["served_images_per_s"],
+                r["mean_batch"],
+                r["batch_ms"],
+                100.0 * r["model_busy"],
+            ]
+            for r in served
+        ],
+    )
     default = rows[0]  # grpc-default, the small client sending without a pause: the issue's case
     target = {
         "server": default["server"],
