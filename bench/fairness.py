@@ -9,7 +9,9 @@ latencies there leave out its first request, which arrives while the flood runs 
 reported on its own). Servers: our gRPC server with its defaults (``max_batch_images`` 32, batches kept
 short while a light client is active: ``contention_latency_slack``), with that limit off (always-full
 batches of 32), with ``max_batch_images`` 4, with the 100-ms activity window of earlier versions, and the
-HTTP baseline, which has no per-client queues.
+HTTP baseline, which has no per-client queues. For our server, what the model ran in the flooded
+phases (images/s served to both clients, mean batch, time per batch, busy share) is read from its
+metrics: the flood's own count moves in whole 64-image calls, too coarse to compare throughput.
 Writes ``bench/results/fairness.json`` (``fairness_quick.json`` with ``--quick``).
 """
 

@@ -70,7 +70,7 @@ class BatcherConfig:
     about this long (an evaluation loop, a person), not only one that sends it the moment it has its
     answer. Set it above the think time of the clients to protect; a flood keeps short batches for
     this long after such a client's last answer. Measured in ``docs/benchmarks.md`` §3: with 100 ms, a
-    client pausing 0.3 s between requests saw 6.0x its solo p99 under a flood, 1.5x with 1 s."""
+    client pausing 0.3 s between requests saw 6.3x its solo p99 under a flood, 1.7x with 1 s."""
 
     @property
     def job_images(self) -> int:
