@@ -9,8 +9,9 @@ CLIP image tower at 224 px behind the aesthetic head, fed 512² images):
 2. the gRPC server (child process) under 1/4/8/16 closed-loop clients × 1/4/16 images per request, plus one
    client × 32: images/s, p50/p99 latency, mean executed batch (from the server's Prometheus histogram);
 3. the HTTP baseline (gunicorn child, :mod:`bench.http_pickle_baseline`) on the same grid;
-4. transport cost per image (encode / decode / wire) and score drift (:mod:`bench.transport`), with the same
-   request bytes sent through gRPC alone as the floor (:mod:`bench.grpc_floor`);
+4. transport cost per image (encode / decode / wire) and score drift (:mod:`bench.transport`): our client
+   as it ships (a ScoreStream of parts) and sending one Score message, with the same request bytes sent
+   both ways through gRPC alone as the floor (:mod:`bench.grpc_floor`);
 5. the targets' own pairs in rounds: in-process batch 32, the saturated gRPC cell, gRPC 1 × 32 and 8 × 4
    back to back in rotated order, then one transport round (null-model round trips on our server, the
    HTTP baseline and gRPC alone); one ratio per round, the median reported.
@@ -117,15 +118,23 @@ def null_model_servers() -> Iterator[tuple[str, str, str]]:
 
 
 def transport_round(
-    endpoints: tuple[str, str, str], images: np.ndarray, body: bytes, repeats: int
+    endpoints: tuple[str, str, str], images: np.ndarray, bodies: tuple[bytes, list[bytes]], repeats: int
 ) -> dict[str, float]:
-    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back
-    (``body``: ``images`` as our client's request bytes, what the floor server is sent)."""
+    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back.
+
+    Our client as it ships (a ScoreStream of parts) and sending one Score message; the floor server
+    gets the same request bytes both ways (``bodies``: whole, and cut into the client's parts).
+    """
     ours, url, floor = endpoints
+    whole, parts = bodies
     return {
         "grpc": asyncio.run(transport.grpc_round_trip_ms(ours, images, repeats)),
         "http": transport.http_round_trip_ms(url, images, repeats),
-        "grpc_floor": asyncio.run(grpc_floor.round_trip_ms(floor, body, len(images), repeats)),
+        "grpc_one_message": asyncio.run(
+            transport.grpc_round_trip_ms(ours, images, repeats, stream_part_bytes=None)
+        ),
+        "grpc_floor": asyncio.run(grpc_floor.round_trip_ms(floor, whole, len(images), repeats)),
+        "grpc_floor_stream": asyncio.run(grpc_floor.round_trip_ms(floor, parts, len(images), repeats)),
     }
 
 
@@ -138,8 +147,11 @@ def summarize_transport(
     """The transport table from the rounds' medians, and the target's median of per-round ratios."""
     medians = {k: float(np.median(v)) for k, v in trips.items()}
     table = transport.transport_table(codec, {k: medians[k] for k in ("grpc", "http")})
+    # Our client sending each request as one message (Score) instead of a stream of parts.
+    table["grpc_one_message_ms"] = medians["grpc_one_message"]
     # The same request bytes through gRPC alone: how much of the gRPC path's wire share is gRPC's own.
     table["grpc_floor_ms"] = medians["grpc_floor"]
+    table["grpc_floor_stream_ms"] = medians["grpc_floor_stream"]
     # The target's ratio pairs round trips measured seconds apart, as the throughput targets do.
     table["http_over_grpc_each_round"] = [h / g for h, g in zip(trips["http"], trips["grpc"], strict=True)]
     table["http_over_grpc_paired"] = float(np.median(table["http_over_grpc_each_round"]))
@@ -370,7 +382,18 @@ def report(result: dict[str, Any]) -> None:
             ]
             for name in ("grpc", "http")
         ]
-        + [["gRPC alone (same bytes)", 0.0, 0.0, costs["grpc_floor_ms"], costs["grpc_floor_ms"], None]],
+        + [
+            ["gRPC, one message", None, None, None, costs["grpc_one_message_ms"], None],
+            [
+                "gRPC alone, stream",
+                0.0,
+                0.0,
+                costs["grpc_floor_stream_ms"],
+                costs["grpc_floor_stream_ms"],
+                None,
+            ],
+            ["gRPC alone, one message", 0.0, 0.0, costs["grpc_floor_ms"], costs["grpc_floor_ms"], None],
+        ],
         digits=2,
     )
     drift = result["transport"]["jpeg_drift"]
@@ -431,15 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     reference = transport.in_process_scores(scorer, images)
     codec = transport.codec_costs(images, plan.transport_repeats)
     drift = transport.jpeg_drift(scorer, images, reference)
-    body = transport.grpc_encode(images)
+    bodies = (transport.grpc_encode(images), transport.grpc_encode_parts(images))
     trips: dict[str, list[float]] = defaultdict(list)
     with null_model_servers() as endpoints:
         # A server process's first few calls run 2-4x slower (buffers faulted in, connection windows
         # growing); a transport round runs minutes after the one before, so only the first is warmed.
-        transport_round(endpoints, images, body, repeats=3)
+        transport_round(endpoints, images, bodies, repeats=3)
 
         def measure_transport() -> None:
-            for name, ms in transport_round(endpoints, images, body, plan.transport_repeats).items():
+            for name, ms in transport_round(endpoints, images, bodies, plan.transport_repeats).items():
                 trips[name].append(ms)
             print(f"  transport round: {trips['http'][-1] / trips['grpc'][-1]:.2f}x", flush=True)
 

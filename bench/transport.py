@@ -12,6 +12,7 @@ no batching delay is counted as transport.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,14 +25,21 @@ from bench.load import PROMPT
 from services.client import RewardClient, encode_samples
 from services.core.codec import ImageLimits, decode_image, to_chw_tensor
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.wire import parse_request, serialize_request
+from services.core.wire import parse_request, serialize_parts, serialize_request
 
 REQUEST_IMAGES = 32
+STREAM_PART_BYTES = inspect.signature(RewardClient).parameters["stream_part_bytes"].default
+"""The client's default part size for ScoreStream."""
 
 
 def grpc_encode(images: np.ndarray) -> bytes:
     """What the gRPC client does per request: raw RGB8 samples written as ScoreRequest bytes."""
     return serialize_request(encode_samples(images, PROMPT, None, None))
+
+
+def grpc_encode_parts(images: np.ndarray) -> list[bytes]:
+    """The same bytes cut into the client's ScoreStream parts."""
+    return serialize_parts(encode_samples(images, PROMPT, None, None), STREAM_PART_BYTES)
 
 
 def grpc_decode(body: bytes) -> list[torch.Tensor]:
@@ -73,9 +81,12 @@ def codec_costs(images: np.ndarray, repeats: int) -> dict[str, dict[str, float]]
     return out
 
 
-async def grpc_round_trip_ms(endpoint: str, images: np.ndarray, repeats: int) -> float:
-    """Median ms per image of sequential Score calls of ``len(images)`` images (model cost ~0)."""
-    async with RewardClient(endpoint, client_name="transport") as client:
+async def grpc_round_trip_ms(
+    endpoint: str, images: np.ndarray, repeats: int, *, stream_part_bytes: int | None = STREAM_PART_BYTES
+) -> float:
+    """Median ms per image of sequential score calls of ``len(images)`` images (model cost ~0): as a
+    ScoreStream of parts of ``stream_part_bytes`` (the client's default), or one Score message (None)."""
+    async with RewardClient(endpoint, client_name="transport", stream_part_bytes=stream_part_bytes) as client:
         await client.score(images, PROMPT)
         times = []
         for _ in range(repeats):

@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.wire import (
     SCORE_METHOD,
+    SCORE_STREAM_METHOD,
     WireRequest,
     encode_sample,
     from_message,
@@ -95,15 +96,19 @@ def test_refuses_arrays_it_cannot_send_without_copying() -> None:
         encode_sample(np.zeros((8, 8, 4), dtype=np.uint8), "p")
 
 
-def test_method_path_is_the_generated_stubs() -> None:
-    paths: list[str] = []
+def test_method_paths_are_the_generated_stubs() -> None:
+    paths: dict[str, list[str]] = {"unary_unary": [], "stream_unary": []}
 
     class RecordingChannel:
         def unary_unary(self, path: str, *args: object, **kwargs: object) -> None:
-            paths.append(path)
+            paths["unary_unary"].append(path)
+
+        def stream_unary(self, path: str, *args: object, **kwargs: object) -> None:
+            paths["stream_unary"].append(path)
 
     reward_pb2_grpc.RewardServiceStub(RecordingChannel())
-    assert SCORE_METHOD in paths and SCORE_METHOD.endswith("/Score")
+    assert SCORE_METHOD in paths["unary_unary"] and SCORE_METHOD.endswith("/Score")
+    assert paths["stream_unary"] == [SCORE_STREAM_METHOD] and SCORE_STREAM_METHOD.endswith("/ScoreStream")
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from services.core.request import (
 )
 from services.core.runner import JobResult
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.wire import WireRequest, parse_request
+from services.core.wire import WireRequest, WireSample, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,28 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return model_info(scorer.identity, self.limits)
 
     async def Score(self, request: WireRequest | MalformedRequest, context: grpc.aio.ServicerContext):
+        async def read() -> WireRequest:
+            _check_parsed(request)
+            return request
+
+        return await self._score(read, context)
+
+    async def ScoreStream(
+        self, parts: AsyncIterator[StreamPart | MalformedRequest], context: grpc.aio.ServicerContext
+    ):
+        return await self._score(lambda: self._read_parts(parts), context)
+
+    async def _score(self, read: Callable[[], Awaitable[WireRequest]], context: grpc.aio.ServicerContext):
+        """Both Score RPCs: authenticate, read the request, check it, queue it, answer."""
         started = time.perf_counter()
         client_label = "anonymous"
         code = grpc.StatusCode.OK
-        num_samples = len(request.samples) if isinstance(request, WireRequest) else 0
+        num_samples = 0
         try:
             principal = self._principal(context)
             client_label = principal.name if principal else "anonymous"
-            _check_parsed(request)
+            request = await read()  # a stream is read only once its caller is known
+            num_samples = len(request.samples)
             # With auth the queue is the team's; without, the caller's declared name or its address.
             fairness_key = client_label if principal else (_declared_client(context) or context.peer())
             scorer, batcher = self._ready()
@@ -134,6 +148,26 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             await context.abort(code, "internal error while handling the request; the server log has details")
         finally:
             self.metrics.request_done(client_label, code.name, num_samples, time.perf_counter() - started)
+
+    async def _read_parts(self, parts: AsyncIterator[StreamPart | MalformedRequest]) -> WireRequest:
+        """A streamed request's parts as one request, refused as soon as it outgrows the limits that
+        bound a request sent whole (its bytes, its samples), so no more of it is read."""
+        samples: list[WireSample] = []
+        num_bytes = 0
+        async for part in parts:
+            _check_parsed(part)
+            assert isinstance(part, StreamPart)
+            num_bytes += part.num_bytes
+            if num_bytes > self.limits.max_request_bytes:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"streamed request has more than {self.limits.max_request_bytes} bytes, the limit "
+                    "of one request; split it",
+                )
+            samples.extend(part.request.samples)
+            if len(samples) > self.limits.max_images_per_request:
+                self._check_shape(WireRequest(samples=tuple(samples)))
+        return WireRequest(samples=tuple(samples))
 
     # -- steps -------------------------------------------------------------------------------------
 
@@ -280,6 +314,18 @@ def _check_parsed(request: object) -> None:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.error}")
 
 
+@dataclass(frozen=True, slots=True)
+class StreamPart:
+    """One message of a ScoreStream call, and its size on the wire (the limits bound the sum)."""
+
+    request: WireRequest
+    num_bytes: int
+
+
+def _stream_part(data: bytes) -> StreamPart:
+    return StreamPart(request=parse_request(data), num_bytes=len(data))
+
+
 def _lenient(parse_bytes: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -298,6 +344,11 @@ def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
             servicer.Score,
             # Images stay views of the body gRPC hands over (services.core.wire), not copies.
             request_deserializer=_lenient(parse_request),
+            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_unary_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=_lenient(_stream_part),
             response_serializer=reward_pb2.ScoreResponse.SerializeToString,
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(

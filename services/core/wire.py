@@ -28,10 +28,16 @@ from protos import reward_pb2
 _LEN = 2  # wire type of length-delimited fields (bytes, strings, sub-messages)
 _VARINT = 0
 
-SCORE_METHOD = "/{}/{}".format(
-    *reward_pb2.DESCRIPTOR.services_by_name["RewardService"].methods_by_name["Score"].full_name.rsplit(".", 1)
-)
+
+def _method_path(name: str) -> str:
+    service = reward_pb2.DESCRIPTOR.services_by_name["RewardService"]
+    return "/{}/{}".format(*service.methods_by_name[name].full_name.rsplit(".", 1))
+
+
+SCORE_METHOD = _method_path("Score")
 """The Score RPC's path, for a channel call that sends these bytes as they are."""
+SCORE_STREAM_METHOD = _method_path("ScoreStream")
+"""The ScoreStream RPC's path: the same bytes, cut at sample boundaries into a stream of messages."""
 
 
 def _varint(value: int) -> bytes:
@@ -99,6 +105,26 @@ def encode_sample(
 def serialize_request(samples: Sequence[EncodedSample]) -> bytes:
     """The ``ScoreRequest`` holding these samples, in order."""
     return b"".join(part for s in samples for part in (s.head, s.pixels, s.tail))
+
+
+def serialize_parts(samples: Sequence[EncodedSample], max_part_bytes: int | None) -> list[bytes]:
+    """The ``ScoreRequest`` holding these samples as consecutive messages of at most ``max_part_bytes``
+    each (a larger sample alone in its message), for ScoreStream; None: one message.
+
+    Concatenated, the parts are byte-for-byte :func:`serialize_request` of all the samples: a repeated
+    field's entries in consecutive messages append, so the stream means the same request.
+    """
+    if max_part_bytes is None:
+        return [serialize_request(samples)]
+    parts: list[bytes] = []
+    start = size = 0
+    for end, sample in enumerate(samples):
+        if end > start and size + sample.size > max_part_bytes:
+            parts.append(serialize_request(samples[start:end]))
+            start, size = end, 0
+        size += sample.size
+    parts.append(serialize_request(samples[start:]))
+    return parts
 
 
 # -- reading ---------------------------------------------------------------------------------------
