@@ -13,8 +13,9 @@ CLIP image tower at 224 px behind the aesthetic head, fed 512² images):
    as it ships (a ScoreStream of parts) and sending one Score message, with the same request bytes sent
    both ways through gRPC alone as the floor (:mod:`bench.grpc_floor`);
 5. the targets' own pairs in rounds: in-process batch 32, the saturated gRPC cell, gRPC 1 × 32 and 8 × 4
-   back to back in rotated order, then one transport round (null-model round trips on our server, the
-   HTTP baseline and gRPC alone); one ratio per round, the median reported.
+   back to back in rotated order, then, once the CLIP servers are idle again, one transport round
+   (null-model round trips on our server, the HTTP baseline and gRPC alone, also in rotated order);
+   one ratio per round, the median reported.
 
 Both servers run for the whole grid and every cell is measured on both back to back, in alternating order,
 in each of ``passes`` passes, so a change in the machine's background load hits both alike. The grid's
@@ -117,25 +118,42 @@ def null_model_servers() -> Iterator[tuple[str, str, str]]:
         yield served.endpoint, url, floor
 
 
+SETTLE_S = 3.0
+"""Pause before a transport round. A target round's closed-loop clients stop with requests in flight,
+which the CLIP servers still score (up to a full batch of 32, ~1.5 s here); a round timed meanwhile
+measured its first system up to 1.7x slower than alone."""
+
+
 def transport_round(
-    endpoints: tuple[str, str, str], images: np.ndarray, bodies: tuple[bytes, list[bytes]], repeats: int
+    endpoints: tuple[str, str, str],
+    images: np.ndarray,
+    bodies: tuple[bytes, list[bytes]],
+    repeats: int,
+    rotation: int = 0,
 ) -> dict[str, float]:
-    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back.
+    """One round: ms per image of ``repeats`` round trips on each null-model server, back to back, in an
+    order rotated by ``rotation`` (no system is always measured first).
 
     Our client as it ships (a ScoreStream of parts) and sending one Score message; the floor server
     gets the same request bytes both ways (``bodies``: whole, and cut into the client's parts).
     """
     ours, url, floor = endpoints
     whole, parts = bodies
-    return {
-        "grpc": asyncio.run(transport.grpc_round_trip_ms(ours, images, repeats)),
-        "http": transport.http_round_trip_ms(url, images, repeats),
-        "grpc_one_message": asyncio.run(
-            transport.grpc_round_trip_ms(ours, images, repeats, stream_part_bytes=None)
+    systems: list[tuple[str, Callable[[], float]]] = [
+        ("grpc", lambda: asyncio.run(transport.grpc_round_trip_ms(ours, images, repeats))),
+        ("http", lambda: transport.http_round_trip_ms(url, images, repeats)),
+        (
+            "grpc_one_message",
+            lambda: asyncio.run(transport.grpc_round_trip_ms(ours, images, repeats, stream_part_bytes=None)),
         ),
-        "grpc_floor": asyncio.run(grpc_floor.round_trip_ms(floor, whole, len(images), repeats)),
-        "grpc_floor_stream": asyncio.run(grpc_floor.round_trip_ms(floor, parts, len(images), repeats)),
-    }
+        ("grpc_floor", lambda: asyncio.run(grpc_floor.round_trip_ms(floor, whole, len(images), repeats))),
+        (
+            "grpc_floor_stream",
+            lambda: asyncio.run(grpc_floor.round_trip_ms(floor, parts, len(images), repeats)),
+        ),
+    ]
+    shift = rotation % len(systems)
+    return {name: measure() for name, measure in systems[shift:] + systems[:shift]}
 
 
 def summarize_transport(
@@ -462,7 +480,11 @@ def main(argv: list[str] | None = None) -> None:
         transport_round(endpoints, images, bodies, repeats=3)
 
         def measure_transport() -> None:
-            for name, ms in transport_round(endpoints, images, bodies, plan.transport_repeats).items():
+            time.sleep(SETTLE_S)
+            rotation = len(trips["grpc"])
+            for name, ms in transport_round(
+                endpoints, images, bodies, plan.transport_repeats, rotation
+            ).items():
                 trips[name].append(ms)
             print(f"  transport round: {trips['http'][-1] / trips['grpc'][-1]:.2f}x", flush=True)
 

@@ -151,12 +151,20 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def _read_parts(self, parts: AsyncIterator[StreamPart | MalformedRequest]) -> WireRequest:
         """A streamed request's parts as one request, refused as soon as it outgrows the limits that
-        bound a request sent whole (its bytes, its samples), so no more of it is read."""
+        bound a request sent whole (its bytes, its samples), so no more of it is read. Parts are
+        bounded too (as many as samples allowed): a stream of empty parts would otherwise never end."""
         samples: list[WireSample] = []
-        num_bytes = 0
+        num_bytes = num_parts = 0
+        limit = self.limits.max_images_per_request
         async for part in parts:
             _check_parsed(part)
             assert isinstance(part, StreamPart)
+            num_parts += 1
+            if num_parts > limit:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"streamed request has more than {limit} parts, the most samples a request may have",
+                )
             num_bytes += part.num_bytes
             if num_bytes > self.limits.max_request_bytes:
                 raise _Abort(
@@ -165,7 +173,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     "of one request; split it",
                 )
             samples.extend(part.request.samples)
-            if len(samples) > self.limits.max_images_per_request:
+            if len(samples) > limit:
                 self._check_shape(WireRequest(samples=tuple(samples)))
         return WireRequest(samples=tuple(samples))
 
