@@ -25,7 +25,8 @@ class RequestLimits:
     max_images_per_request: int = 512
     """More images must be split by the client (the bundled client does this itself)."""
     max_request_bytes: int = 64 * 1024 * 1024
-    """gRPC max receive message size; the client keeps its chunks well under it."""
+    """Largest request: gRPC's max receive message size, and the bound on a ScoreStream's parts
+    together; the client keeps its chunks well under it."""
     max_prompt_chars: int = 4096
     max_metadata_chars: int = 65536
     max_group_id_chars: int = 256
