@@ -100,7 +100,7 @@ QUICK = Plan(
     window=WindowConfig(duration_s=3.0, min_requests=2, max_s=20.0),
     passes=1,
     in_process_s=2.0,
-    transport_repeats=3,
+    transport_repeats=8,
     target_rounds=1,
     saturated=(4, 16),
     pool_size=32,
