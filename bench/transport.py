@@ -12,7 +12,6 @@ no batching delay is counted as transport.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,14 +21,12 @@ import torch
 
 from bench.http_pickle_baseline import HttpClient, decode_request, encode_request
 from bench.load import PROMPT
-from services.client import RewardClient, encode_samples
+from services.client import STREAM_PART_BYTES, RewardClient, encode_samples
 from services.core.codec import ImageLimits, decode_image, to_chw_tensor
 from services.core.scorer import ScoreBatch, Scorer
 from services.core.wire import parse_request, serialize_parts, serialize_request
 
 REQUEST_IMAGES = 32
-STREAM_PART_BYTES = inspect.signature(RewardClient).parameters["stream_part_bytes"].default
-"""The client's default part size for ScoreStream."""
 
 
 def grpc_encode(images: np.ndarray) -> bytes:

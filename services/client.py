@@ -43,6 +43,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 CLIENT_KEY = "x-e2po-client"
 TOKEN_ENV = "E2PO_REWARD_TOKEN"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+STREAM_PART_BYTES = 4 * 1024 * 1024
+"""Default part size of a ScoreStream: requests over it are streamed in parts this large."""
 
 
 class RewardError(Exception):
@@ -110,7 +112,7 @@ class RewardClient:
         token: str | None = None,
         tls: ClientTLS | None = None,
         max_chunk_bytes: int = 32 * 1024 * 1024,
-        stream_part_bytes: int | None = 4 * 1024 * 1024,
+        stream_part_bytes: int | None = STREAM_PART_BYTES,
         max_concurrent_requests: int = 4,
         retry: RetryPolicy | None = None,
         timeout_s: float | None = 300.0,
