@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0e\x65\x32po.reward.v1\"e\n\x05Image\x12/\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1d.e2po.reward.v1.ImageEncoding\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"g\n\x06Sample\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.e2po.reward.v1.Image\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\"7\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.e2po.reward.v1.Sample\"w\n\x0cSampleScores\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.e2po.reward.v1.SampleScores.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\x0bGroupScores\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x37\n\x06values\x18\x02 \x03(\x0b\x32\'.e2po.reward.v1.GroupScores.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x94\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.e2po.reward.v1.SampleScores\x12+\n\x06groups\x18\x02 \x03(\x0b\x32\x1b.e2po.reward.v1.GroupScores\x12(\n\x05model\x18\x03 \x01(\x0b\x32\x19.e2po.reward.v1.ModelInfo\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x03 \x01(\t\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x15\n\rgroup_outputs\x18\x05 \x03(\t\x12\x18\n\x10preferred_height\x18\x06 \x01(\r\x12\x17\n\x0fpreferred_width\x18\x07 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\r\x12\x1c\n\x14max_pixels_per_image\x18\t \x01(\x04\x12\x19\n\x11max_request_bytes\x18\n \x01(\x04\x12\x19\n\x11requires_metadata\x18\x0b \x01(\x08*]\n\rImageEncoding\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x00\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x32\xeb\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.e2po.reward.v1.ScoreRequest\x1a\x1d.e2po.reward.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x1c.e2po.reward.v1.ScoreRequest\x1a\x1d.e2po.reward.v1.ScoreResponse(\x01\x12\x46\n\x08\x44\x65scribe\x12\x1f.e2po.reward.v1.DescribeRequest\x1a\x19.e2po.reward.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0e\x65\x32po.reward.v1\"e\n\x05Image\x12/\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1d.e2po.reward.v1.ImageEncoding\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"g\n\x06Sample\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.e2po.reward.v1.Image\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\"7\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.e2po.reward.v1.Sample\"w\n\x0cSampleScores\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.e2po.reward.v1.SampleScores.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\x0bGroupScores\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x37\n\x06values\x18\x02 \x03(\x0b\x32\'.e2po.reward.v1.GroupScores.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x94\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.e2po.reward.v1.SampleScores\x12+\n\x06groups\x18\x02 \x03(\x0b\x32\x1b.e2po.reward.v1.GroupScores\x12(\n\x05model\x18\x03 \x01(\x0b\x32\x19.e2po.reward.v1.ModelInfo\"\x11\n\x0f\x44\x65scribeRequest\"\xb2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x03 \x01(\t\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x15\n\rgroup_outputs\x18\x05 \x03(\t\x12\x18\n\x10preferred_height\x18\x06 \x01(\r\x12\x17\n\x0fpreferred_width\x18\x07 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\r\x12\x1c\n\x14max_pixels_per_image\x18\t \x01(\x04\x12\x19\n\x11max_request_bytes\x18\n \x01(\x04\x12\x19\n\x11requires_metadata\x18\x0b \x01(\x08\x12\x1c\n\x14\x61\x63\x63\x65pts_score_stream\x18\x0c \x01(\x08*]\n\rImageEncoding\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x00\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x32\xeb\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.e2po.reward.v1.ScoreRequest\x1a\x1d.e2po.reward.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x1c.e2po.reward.v1.ScoreRequest\x1a\x1d.e2po.reward.v1.ScoreResponse(\x01\x12\x46\n\x08\x44\x65scribe\x12\x1f.e2po.reward.v1.DescribeRequest\x1a\x19.e2po.reward.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLESCORES_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_GROUPSCORES_VALUESENTRY']._loaded_options = None
   _globals['_GROUPSCORES_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEENCODING']._serialized_start=1012
-  _globals['_IMAGEENCODING']._serialized_end=1105
+  _globals['_IMAGEENCODING']._serialized_start=1042
+  _globals['_IMAGEENCODING']._serialized_end=1135
   _globals['_IMAGE']._serialized_start=39
   _globals['_IMAGE']._serialized_end=140
   _globals['_SAMPLE']._serialized_start=142
@@ -56,7 +56,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=714
   _globals['_DESCRIBEREQUEST']._serialized_end=731
   _globals['_MODELINFO']._serialized_start=734
-  _globals['_MODELINFO']._serialized_end=1010
-  _globals['_REWARDSERVICE']._serialized_start=1108
-  _globals['_REWARDSERVICE']._serialized_end=1343
+  _globals['_MODELINFO']._serialized_end=1040
+  _globals['_REWARDSERVICE']._serialized_start=1138
+  _globals['_REWARDSERVICE']._serialized_end=1373
 # @@protoc_insertion_point(module_scope)

@@ -89,7 +89,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "checkpoint_sha256", "outputs", "group_outputs", "preferred_height", "preferred_width", "max_images_per_request", "max_pixels_per_image", "max_request_bytes", "requires_metadata")
+    __slots__ = ("name", "version", "checkpoint_sha256", "outputs", "group_outputs", "preferred_height", "preferred_width", "max_images_per_request", "max_pixels_per_image", "max_request_bytes", "requires_metadata", "accepts_score_stream")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class ModelInfo(_message.Message):
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_SCORE_STREAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     checkpoint_sha256: str
@@ -112,4 +113,5 @@ class ModelInfo(_message.Message):
     max_pixels_per_image: int
     max_request_bytes: int
     requires_metadata: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., group_outputs: _Optional[_Iterable[str]] = ..., preferred_height: _Optional[int] = ..., preferred_width: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., requires_metadata: _Optional[bool] = ...) -> None: ...
+    accepts_score_stream: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., group_outputs: _Optional[_Iterable[str]] = ..., preferred_height: _Optional[int] = ..., preferred_width: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., requires_metadata: _Optional[bool] = ..., accepts_score_stream: _Optional[bool] = ...) -> None: ...

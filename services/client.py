@@ -128,7 +128,6 @@ class RewardClient:
         # request of 512² images in 0.36 ms per image so, 0.47 as one message (docs/benchmarks.md §2).
         # None: always one message.
         self.stream_part_bytes = stream_part_bytes
-        self._streams_supported = True  # until a server answers UNIMPLEMENTED (one from before them)
         # Without auth the server queues fairly by this name; with auth, by the token's name.
         name = client_name or f"{socket.gethostname()}:{os.getpid()}"
         self._metadata: tuple[tuple[str, str], ...] = ((CLIENT_KEY, name),)
@@ -196,26 +195,21 @@ class RewardClient:
             max_weight=max_bytes,
         )
         # All parts are serialised before the first is sent: the caller's arrays are read only during
-        # this step, and a retry re-sends the same bytes.
+        # this step, and a retry re-sends the same bytes. A server that does not say it accepts
+        # ScoreStream (one from before it) gets each request as one message.
+        part_bytes = self.stream_part_bytes if info.accepts_score_stream else None
         requests = await asyncio.to_thread(
-            lambda: [serialize_parts([samples[i] for i in part], self.stream_part_bytes) for part in parts]
+            lambda: [serialize_parts([samples[i] for i in part], part_bytes) for part in parts]
         )
         responses = await asyncio.gather(*(self._score_part(messages, deadline) for messages in requests))
         return _merge(parts, responses, len(samples))
 
     async def _score_part(self, messages: list[bytes], deadline: float | None) -> reward_pb2.ScoreResponse:
-        """One request: a ScoreStream of ``messages``, or Score when it is one message or the server
-        has no ScoreStream (the messages joined are the same request)."""
+        """One request: a ScoreStream of ``messages``, or Score when it is one message."""
         async with self._semaphore:
-            if len(messages) > 1 and self._streams_supported:
-                try:
-                    return await self._call(self._score_stream, messages, deadline)
-                except RewardError as err:
-                    if err.code != grpc.StatusCode.UNIMPLEMENTED:
-                        raise
-                    self._streams_supported = False
-            request = messages[0] if len(messages) == 1 else b"".join(messages)
-            return await self._call(self._score_bytes, request, deadline)
+            if len(messages) > 1:
+                return await self._call(self._score_stream, messages, deadline)
+            return await self._call(self._score_bytes, messages[0], deadline)
 
     async def _call(self, method: Any, request: Any, deadline: float | None) -> Any:
         """One RPC with retries on UNAVAILABLE / RESOURCE_EXHAUSTED until attempts or deadline run out."""

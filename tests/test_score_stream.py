@@ -132,17 +132,24 @@ def _caller(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
 
 @asynccontextmanager
 async def forwarding_server(target: str, methods: tuple[str, ...]) -> AsyncIterator[tuple[int, list[str]]]:
-    """A RewardService that passes the bytes of ``methods`` on to ``target`` and records each call: a
-    server from before ScoreStream when ``methods`` leaves it out."""
+    """A RewardService that passes the bytes of ``methods`` on to ``target`` and records each call. When
+    ``methods`` leaves ScoreStream out it is a server from before it: no such method, and a Describe
+    answer without ``accepts_score_stream``."""
     calls: list[str] = []
     channel = grpc.aio.insecure_channel(target)
+    streams = "ScoreStream" in methods
 
     def unary(name: str):
         upstream = channel.unary_unary(f"/{SERVICE_NAME}/{name}")
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             calls.append(name)
-            return await upstream(request, metadata=_caller(context))
+            answer = await upstream(request, metadata=_caller(context))
+            if name == "Describe" and not streams:
+                info = reward_pb2.ModelInfo.FromString(answer)
+                info.ClearField("accepts_score_stream")
+                answer = info.SerializeToString()
+            return answer
 
         return grpc.unary_unary_rpc_method_handler(handle)
 
@@ -168,7 +175,7 @@ async def forwarding_server(target: str, methods: tuple[str, ...]) -> AsyncItera
         await channel.close()
 
 
-def test_the_client_streams_large_requests_and_falls_back_to_score_on_an_older_server() -> None:
+def test_the_client_streams_large_requests_and_sends_score_to_an_older_server() -> None:
     values = list(range(0, 250, 25))  # 10 images of 8×8: ~220 bytes each on the wire
     expected = np.array(values) / 255
 

@@ -104,7 +104,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             scorer, _ = self._ready()
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
-        return model_info(scorer.identity, self.limits)
+        info = model_info(scorer.identity, self.limits)
+        info.accepts_score_stream = True  # said here, not in every answer's ModelInfo (TorchServe shares it)
+        return info
 
     async def Score(self, request: WireRequest | MalformedRequest, context: grpc.aio.ServicerContext):
         async def read() -> WireRequest:
