@@ -115,41 +115,50 @@ def queued_images(metrics_endpoint: str) -> int:
 
 
 def test_sigterm_drains_accepted_requests_and_exits_zero() -> None:
-    images = np.random.default_rng(0).integers(0, 256, size=(8, 512, 512, 3), dtype=np.uint8)
+    # Six requests of 8 images never fill a batch of 64, so they wait in the queue for the 4-s batching
+    # delay: SIGTERM arrives while every one of them is accepted and unanswered, however fast the machine.
+    num_calls, per_call, delay_s = 6, 8, 4.0
+    images = np.random.default_rng(0).integers(0, 256, size=(per_call, 512, 512, 3), dtype=np.uint8)
     request = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image=encode_raw(img)) for img in images])
 
     async def fire(endpoint: str, proc: subprocess.Popen) -> tuple[list[grpc.StatusCode], int]:
         async with grpc.aio.insecure_channel(endpoint) as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
-            await stub.Score(request, timeout=30)  # warm: the connection is up
+            await stub.Describe(reward_pb2.DescribeRequest(), timeout=30)  # the connection is up
 
             async def one() -> grpc.StatusCode:
                 try:
                     response = await stub.Score(request, timeout=60)
                 except grpc.aio.AioRpcError as err:
                     return err.code()
-                assert len(response.scores) == len(images)
+                assert len(response.scores) == per_call
                 return grpc.StatusCode.OK
 
-            calls = [asyncio.ensure_future(one()) for _ in range(24)]
-            # Wait until every request is answered, queued, or in the model (one batch = one request).
-            for _ in range(500):
-                queued = await asyncio.to_thread(queued_images, proc.metrics_endpoint)
-                if queued // 8 + sum(c.done() for c in calls) + 1 >= 24:
-                    break
+            calls = [asyncio.ensure_future(one()) for _ in range(num_calls)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + delay_s / 2
+            while await asyncio.to_thread(queued_images, proc.metrics_endpoint) < num_calls * per_call:
+                assert loop.time() < deadline, "the requests did not all reach the queue in time"
                 await asyncio.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             pending_at_signal = sum(not call.done() for call in calls)
             return list(await asyncio.gather(*calls)), pending_at_signal
 
-    with serve("compressibility", "--max-batch-images", "8", "--metrics-port", "0") as (proc, endpoint):
+    with serve(
+        "compressibility",
+        "--max-batch-images",
+        str(8 * per_call),
+        "--max-delay-ms",
+        str(delay_s * 1000),
+        "--metrics-port",
+        "0",
+    ) as (proc, endpoint):
         codes, pending_at_signal = asyncio.run(fire(endpoint, proc))
         assert proc.wait(60) == 0
         stderr = proc.stderr.read()
-    # Every request sent before the signal had been accepted: all are answered with scores, including
-    # those still queued or in the model when SIGTERM arrived (how many depends on the machine's speed).
-    assert pending_at_signal >= 1, pending_at_signal
-    assert codes == [grpc.StatusCode.OK] * 24, (codes, stderr)
+    # Every request was queued, unanswered, when SIGTERM arrived; draining still runs and answers them all.
+    assert pending_at_signal == num_calls, pending_at_signal
+    assert codes == [grpc.StatusCode.OK] * num_calls, (codes, stderr)
     assert "draining" in stderr
 
 
