@@ -20,8 +20,9 @@ import numpy as np
 
 from bench.common import use_server_allocator
 
-METHOD = "/bench.Floor/Take"
-STREAM_METHOD = "/bench.Floor/TakeStream"
+SERVICE = "bench.Floor"
+METHOD = f"/{SERVICE}/Take"
+STREAM_METHOD = f"/{SERVICE}/TakeStream"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
@@ -37,13 +38,11 @@ async def _take_stream(parts: AsyncIterator[bytes], context: grpc.aio.ServicerCo
 
 async def serve() -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    service, method = METHOD.strip("/").split("/")
-    stream_method = STREAM_METHOD.rsplit("/", 1)[1]
     handler = grpc.method_handlers_generic_handler(
-        service,
+        SERVICE,
         {
-            method: grpc.unary_unary_rpc_method_handler(_take),
-            stream_method: grpc.stream_unary_rpc_method_handler(_take_stream),
+            "Take": grpc.unary_unary_rpc_method_handler(_take),
+            "TakeStream": grpc.stream_unary_rpc_method_handler(_take_stream),
         },
     )
     server.add_generic_rpc_handlers((handler,))

@@ -254,13 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     threads = use_torch_threads(args.torch_threads)
     started = time.perf_counter()
     load_before = load_average()
-    preset_prompts = build_config("shapes").data.num_prompts
-    cases, iterations, prompts = (QUICK, 1, QUICK_PROMPTS) if args.quick else (FULL, 2, preset_prompts)
+    preset = build_config("shapes")
+    cases, iterations, prompts = (
+        (QUICK, 1, QUICK_PROMPTS) if args.quick else (FULL, 2, preset.data.num_prompts)
+    )
     result = asyncio.run(run(cases, iterations, prompts))
     result["targets"] = targets(result["cases"])
     report(result)
     if args.quick:
-        chunk = build_config("shapes").rollout.batch_size
+        chunk = preset.rollout.batch_size
         # Scoring of the last rollout chunk can overlap nothing: with 2 chunks per iteration instead of
         # the preset's 8, it is half the rollout time at +100 %, not an eighth.
         print(
