@@ -230,6 +230,26 @@ def test_one_update_reduces_the_loss_on_a_fixed_batch():
         assert loss().item() < before.item()
 
 
+def test_encoder_dropout_empties_each_encoders_caption_independently():
+    """SD3's per-encoder dropout: each encoder loses its caption on its own, at the configured rate, and a
+    run without it draws nothing extra (its noise stream is that of the shipped prior's run)."""
+    trainer = pretrain.Pretrainer(small_pretrain_config(encoder_dropout=0.463))
+    empty = len(trainer.prompts.records)
+    picks = np.zeros(20_000, dtype=np.int64)
+    rows_l, rows_g = trainer.caption_rows(picks)
+    drop_l, drop_g = (rows_l == empty).double(), (rows_g == empty).double()
+    assert abs(drop_l.mean().item() - 0.463) < 0.015 and abs(drop_g.mean().item() - 0.463) < 0.015
+    assert abs((drop_l * drop_g).mean().item() - 0.463**2) < 0.015  # independent: both ≈ 0.214
+    assert set(rows_l.unique().tolist()) == {0, empty}
+
+    plain = pretrain.Pretrainer(small_pretrain_config())
+    reference = torch.Generator().manual_seed(plain.noise_rng.initial_seed())
+    rows_l, rows_g = plain.caption_rows(picks[:8])
+    assert torch.equal(rows_l, rows_g) and (rows_l == 0).all()
+    torch.rand(8, generator=reference)  # the caption-dropout draw, and nothing else
+    assert torch.equal(plain.noise_rng.get_state(), reference.get_state())
+
+
 def test_frozen_text_encoders_are_not_updated():
     trainer = pretrain.Pretrainer(small_pretrain_config(train_text_encoders=False))
     before = {k: v.clone() for k, v in trainer.model.text_encoder.state_dict().items()}
