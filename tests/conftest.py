@@ -81,6 +81,28 @@ def solid_images(values: list[int], size: int = 8) -> np.ndarray:
     return np.stack([np.full((size, size, 3), v, dtype=np.uint8) for v in values])
 
 
+PREPROCESSING_SIZES = (
+    (37, 53),  # odd, upscaled
+    (150, 200),  # downscaled
+    (201, 97),  # tall, odd
+    (512, 512),  # what the trainer sends
+    (300, 224),  # one side already 224
+    (229, 600),  # wide, odd crop margin
+    (97, 1201),  # very wide
+    (7, 500),  # extreme wide
+    (500, 7),  # extreme tall
+    (1, 225),  # one row
+    (225, 1),  # one column
+)
+"""(height, width) of the images every scorer's preprocessing is compared on against its upstream order."""
+
+
+def random_image(height: int, width: int) -> np.ndarray:
+    """(height, width, 3) uint8 noise, seeded by its size: the worst case for resize rounding."""
+    rng = np.random.default_rng(height * 100_003 + width)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
 @contextlib.asynccontextmanager
 async def running_server(
     scorer: Any, config: ServerConfig | None = None, name: str = "meanpixel"

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 from transformers.models.clip import CLIPImageProcessorPil
 
 from services.aesthetic import AestheticScorer
@@ -25,7 +27,7 @@ from services.clip_shared.transforms import center_crop_transform
 from services.clip_shared.weights import file_sha256
 from services.core.scorer import ScoreBatch
 from services.registry import build_scorer
-from tests.conftest import SHARED, running_server
+from tests.conftest import PREPROCESSING_SIZES, SHARED, random_image, running_server
 from tests.test_scorer_pickscore import OPENAI_MEAN, OPENAI_STD, pil_clip_pixels, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +154,40 @@ def test_preprocessing_equals_transformers_clip_processor() -> None:
         ours = center_crop_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
         reference = torch.from_numpy(processor(images=image, return_tensors="np")["pixel_values"][0])
         assert (ours - reference).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("height, width", PREPROCESSING_SIZES)
+def test_preprocessing_equals_the_pil_clip_processor_exactly(height: int, width: int) -> None:
+    """CLIPImageProcessor (PIL backend) with openai/clip-vit-large-patch14's settings, bit for bit."""
+    image = random_image(height, width)
+    processor = CLIPImageProcessorPil(**VIT_L_PROCESSOR)
+    reference = processor(images=image, return_tensors="np", input_data_format="channels_last")
+    ours = center_crop_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    assert torch.equal(ours, torch.from_numpy(reference["pixel_values"][0]))
+
+
+def openai_clip_preprocess() -> T.Compose:
+    """OpenAI CLIP's ``_transform(224)``, which LAION's own aesthetic inference runs, from torchvision."""
+    return T.Compose(
+        [
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            lambda image: image.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(OPENAI_MEAN.tolist(), OPENAI_STD.tolist()),
+        ]
+    )
+
+
+@pytest.mark.parametrize("width, offset", [(225, 0), (226, 0), (227, 1), (229, 0), (231, 1)])
+def test_crop_sits_one_pixel_left_of_openai_clips_when_the_margin_is_3_mod_4(width: int, offset: int) -> None:
+    """transformers crops at ``margin // 2``; torchvision's CenterCrop at ``round(margin / 2)``, which rounds
+    half to even, so the two differ by one pixel exactly when the margin is ≡ 3 (mod 4). Same resize."""
+    image = random_image(224, width)
+    ours = center_crop_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    laion = openai_clip_preprocess()(Image.fromarray(image))
+    assert torch.equal(ours[:, :, offset:], laion[:, :, : 224 - offset])
+    assert offset == 0 or not torch.equal(ours, laion)
 
 
 def save_tiny_clip_with_head(directory: Path) -> AestheticScorer:

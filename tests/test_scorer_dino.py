@@ -20,7 +20,7 @@ from services.dino import DinoScorer
 from services.dino.diversity import photographic_variance_score
 from services.dino.features import preprocess
 from services.registry import build_scorer
-from tests.conftest import running_server
+from tests.conftest import PREPROCESSING_SIZES, random_image, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,16 @@ def test_preprocessing_matches_the_dinov3_image_processor() -> None:
     ours = preprocess([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
     theirs = torch.cat([processor(images=a, return_tensors="pt")["pixel_values"] for a in arrays])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", PREPROCESSING_SIZES)
+def test_preprocessing_equals_the_processor_exactly(height: int, width: int) -> None:
+    """Odd and extreme aspect ratios squashed to 224² (no crop), bit for bit as the processor does."""
+    image = random_image(height, width)
+    processor = DINOv3ViTImageProcessor()
+    reference = processor(images=image, return_tensors="pt", input_data_format="channels_last")
+    ours = preprocess([torch.from_numpy(image).permute(2, 0, 1)])
+    assert torch.equal(ours, reference["pixel_values"])
 
 
 def test_groups_interleaved_and_split_across_requests_keep_their_members(scorer: DinoScorer) -> None:

@@ -1,4 +1,4 @@
-"""HPSv2.1 served through the spine equals HPS computed step by step with PIL (REFERENCE.md §4)."""
+"""HPSv2.1 served through the spine equals HPS computed step by step in HPSv2's order (REFERENCE.md §4)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from services.client import RewardClient
 from services.clip_shared.transforms import pad_transform
@@ -18,7 +20,7 @@ from services.core.scorer import ScoreBatch
 from services.hps import HPSScorer
 from services.hps.checkpoint import build_tiny, load_state, tiny_model
 from services.registry import build_scorer
-from tests.conftest import running_server
+from tests.conftest import PREPROCESSING_SIZES, random_image, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -29,25 +31,27 @@ def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def pil_hps_pixels(image: np.ndarray) -> np.ndarray:
-    """HPSv2's eval transform written out with PIL: (H, W, 3) uint8 → (3, 224, 224) float32.
+def hpsv2_pixels(image: np.ndarray) -> np.ndarray:
+    """HPSv2's eval transform in HPSv2's order (``hpsv2/src/open_clip/transform.py``), from torchvision:
+    (H, W, 3) uint8 → (3, 224, 224) float32.
 
-    Longest side → 224 (short side round(short·224/long)), PIL bicubic; paste onto a black 224² canvas with
-    the smaller half of the padding left/top; /255; OpenAI mean/std.
+    ``ToTensor()``, then ``ResizeMaxSize(224)`` on that float tensor — scale = 224 / long side, each side
+    rounded, ``F.resize`` bicubic (antialias at its default), ``F.pad`` with [left, top, right, bottom] and
+    fill 0, skipped when the scale is 1 — then ``Normalize`` with OpenAI's mean/std.
     """
-    height, width = image.shape[:2]
-    scale = 224 / max(height, width)
-    new_h, new_w = round(height * scale), round(width * scale)
-    resized = Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC)
-    canvas = Image.new("RGB", (224, 224), (0, 0, 0))
-    canvas.paste(resized, ((224 - new_w) // 2, (224 - new_h) // 2))
-    pixels = np.asarray(canvas, dtype=np.float32) / 255.0
-    return ((pixels - OPENAI_MEAN) / OPENAI_STD).transpose(2, 0, 1)
+    pixels = TF.to_tensor(Image.fromarray(image).convert("RGB"))
+    height, width = pixels.shape[1:]
+    scale = 224 / float(max(height, width))
+    if scale != 1.0:
+        new_size = [round(dim * scale) for dim in (height, width)]
+        pixels = TF.resize(pixels, new_size, InterpolationMode.BICUBIC)
+        pad_h, pad_w = 224 - new_size[0], 224 - new_size[1]
+        pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return TF.normalize(pixels, OPENAI_MEAN.tolist(), OPENAI_STD.tolist()).numpy()
 
 
 def sample_images(seed: int) -> list[np.ndarray]:
-    """Non-square sizes (so padding shows), up- and downscaled; tall ones only where the height shrinks no
-    faster than the width, where every Pillow runs its classic pass order."""
+    """Non-square sizes (so padding shows), up- and downscaled."""
     rng = np.random.default_rng(seed)
     out = []
     for height, width in ((64, 96), (96, 40), (80, 80), (240, 320), (200, 150)):
@@ -63,7 +67,7 @@ def independent_hps(scorer: HPSScorer, images: list[np.ndarray], prompts: list[s
     """⟨f_img/‖f_img‖, f_txt/‖f_txt‖⟩ with each prompt tokenised and encoded on its own."""
     model = scorer.model
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
-    pixels = torch.from_numpy(np.stack([pil_hps_pixels(image) for image in images]))
+    pixels = torch.from_numpy(np.stack([hpsv2_pixels(image) for image in images]))
     with torch.no_grad():
         image_features = model.encode_image(pixels)
         text_features = torch.cat([model.encode_text(tokenizer([p])) for p in prompts])
@@ -115,16 +119,37 @@ def test_preprocessing_resizes_the_longest_side_and_zero_pads() -> None:
     torch.testing.assert_close(pixels[:, :, 56:168].reshape(3, -1), white.expand(3, 224 * 112))
 
 
-def test_preprocessing_equals_open_clip_longest_side_transform() -> None:
-    """open_clip's own eval transform with resize_mode='longest' (ResizeKeepRatio + CenterCropOrPad, fill 0)
-    — HPSv2's ResizeMaxSize in today's open_clip — gives exactly the same pixels."""
-    reference = open_clip.image_transform(
+@pytest.mark.parametrize("height, width", [*PREPROCESSING_SIZES, (1023, 333), (600, 229)])
+def test_preprocessing_equals_hpsv2_order_exactly(height: int, width: int) -> None:
+    """Odd, extreme, up- and downscaled sizes and 512²: the same pixels, bit for bit, as HPSv2's order."""
+    image = random_image(height, width)
+    ours = pad_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    assert torch.equal(ours, torch.from_numpy(hpsv2_pixels(image)))
+
+
+def test_preprocessing_pads_an_image_whose_long_side_is_already_224() -> None:
+    """HPSv2 returns such an image unpadded (non-square, which its ViT rejects); here it is left unresized
+    and zero-padded, so its pixels are HPSv2's in the middle and black around."""
+    image = random_image(224, 150)
+    ours = pad_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    reference = torch.from_numpy(hpsv2_pixels(image))
+    assert reference.shape == (3, 224, 150)
+    assert torch.equal(ours[:, :, 37:187], reference)
+    black = torch.from_numpy(-OPENAI_MEAN / OPENAI_STD).view(3, 1, 1)
+    torch.testing.assert_close(ours[:, :, :37], black.expand(3, 224, 37), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, :, 187:], black.expand(3, 224, 37), rtol=0, atol=1e-6)
+
+
+def test_hpsv2_order_is_not_mainline_open_clips() -> None:
+    """Mainline open_clip resizes the PIL image first (uint8, clipped); HPSv2 resizes the float tensor. The
+    two differ by whole grey levels on a downscaled 150×200 image, which is why the order is pinned."""
+    mainline = open_clip.image_transform(
         224, is_train=False, mean=OPENAI_MEAN.tolist(), std=OPENAI_STD.tolist(), resize_mode="longest"
     )
-    for image in sample_images(2):
-        ours = pad_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
-        assert (ours - reference(Image.fromarray(image))).abs().max().item() < 1e-6
-        assert (ours - torch.from_numpy(pil_hps_pixels(image))).abs().max().item() < 1e-6
+    image = sample_images(2)[4]
+    ours = pad_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    levels = ((ours - mainline(Image.fromarray(image))) * torch.tensor(OPENAI_STD).view(3, 1, 1) * 255).abs()
+    assert levels.max().item() > 1.0
 
 
 def test_mixed_sizes_and_prompts_in_one_batch_score_as_alone(scorer: HPSScorer) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from services.client import RewardClient
 from services.core.scorer import ScoreBatch
@@ -24,10 +25,10 @@ from services.imagereward.checkpoint import (
 )
 from services.imagereward.med import TextConfig
 from services.imagereward.model import ImageRewardModel, build_tiny, tiny_configs
-from services.imagereward.preprocess import write_tiny_vocab
+from services.imagereward.preprocess import preprocess_image, write_tiny_vocab
 from services.imagereward.vit import VisionConfig
 from services.registry import build_scorer
-from tests.conftest import running_server
+from tests.conftest import PREPROCESSING_SIZES, random_image, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +137,23 @@ def test_standardisation_constants_are_applied(scorer: ImageRewardScorer) -> Non
     with torch.no_grad():
         last.bias.fill_(MEAN + STD)
     assert tiny.score(batch).samples["imagereward"].item() == pytest.approx(1.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("height, width", PREPROCESSING_SIZES)
+def test_image_preprocessing_equals_upstreams_transform_exactly(height: int, width: int) -> None:
+    """ImageReward's ``_transform(224)`` as upstream composes it from torchvision, on a PIL image."""
+    upstream = T.Compose(
+        [
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            lambda image: image.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN.tolist(), CLIP_STD.tolist()),
+        ]
+    )
+    image = random_image(height, width)
+    ours = preprocess_image(torch.from_numpy(image).permute(2, 0, 1))
+    assert torch.equal(ours, upstream(Image.fromarray(image)))
 
 
 def test_padding_tokens_do_not_change_the_reward(scorer: ImageRewardScorer) -> None:

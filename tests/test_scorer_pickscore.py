@@ -19,7 +19,7 @@ from services.core.scorer import ScoreBatch
 from services.pickscore import PickScoreScorer
 from services.pickscore.checkpoint import build_tiny
 from services.registry import build_scorer
-from tests.conftest import running_server
+from tests.conftest import PREPROCESSING_SIZES, random_image, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -154,6 +154,20 @@ def test_preprocessing_equals_transformers_clip_processor() -> None:
         default = torchvision_processor(images=torch.from_numpy(image).permute(2, 0, 1), return_tensors="pt")
         worst_levels = max(worst_levels, (ours - default["pixel_values"][0]).abs().max().item() / one_level)
     assert worst_levels <= 2 + 1e-3
+
+
+@pytest.mark.parametrize("height, width", PREPROCESSING_SIZES)
+def test_preprocessing_equals_the_pil_clip_processor_exactly(height: int, width: int) -> None:
+    """transformers' PIL-backend CLIPImageProcessor with PickScore's ViT-H settings, bit for bit.
+
+    On these sizes every Pillow resizes in its classic pass order. Pillow ≥ 13 runs the vertical pass first
+    on some tall images (1023×333, 600×229); there the classic order is kept (next test; docs/scorers.md).
+    """
+    image = random_image(height, width)
+    processor = CLIPImageProcessorPil(**VIT_H_PROCESSOR)
+    reference = processor(images=image, return_tensors="np", input_data_format="channels_last")
+    ours = center_crop_transform(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    assert torch.equal(ours, torch.from_numpy(reference["pixel_values"][0]))
 
 
 def test_resize_matches_pil_bicubic_in_pillows_classic_pass_order() -> None:

@@ -1,15 +1,18 @@
 """The two CLIP image transforms the rewards use, on batches of uint8 tensors.
 
 * ``center_crop_transform`` — transformers' ``CLIPImageProcessor`` (PickScore's ViT-H processor, the aesthetic
-  predictor's ViT-L/14 processor): shortest side → 224 with PIL bicubic, the long side to
-  ``int(224 · long / short)`` (truncated: ``get_resize_output_image_size``), centre crop 224 with the offset
-  rounded down (``(H − 224) // 2``), /255, OpenAI mean/std.
-* ``pad_transform`` — HPSv2's eval transform (open_clip ``image_transform(..., resize_longest_max=True)``,
-  ``ResizeMaxSize``): longest side → 224 with PIL bicubic, the short side to ``round(short · 224 / long)``,
-  then zero-pad to 224² with the smaller half of the padding on the left/top, /255, OpenAI mean/std. The
-  pad is black *before* normalisation (PIL ``fill=0``), so padded pixels become −mean/std, not 0.
+  predictor's ViT-L/14 processor), which resizes a PIL image: shortest side → 224 with PIL bicubic, the long
+  side to ``int(224 · long / short)`` (truncated: ``get_resize_output_image_size``), centre crop 224 with the
+  offset rounded down (``(H − 224) // 2``), /255, OpenAI mean/std. The resized image is quantised to uint8
+  before /255, as PIL's is (``services.clip_shared.resize``).
+* ``pad_transform`` — HPSv2's eval transform (HPSv2 ``hpsv2/src/open_clip/transform.py``,
+  ``image_transform(..., resize_longest_max=True)``), in its order: convert to RGB, ``ToTensor()`` (/255, a
+  float tensor), ``ResizeMaxSize(224)`` — torchvision's bicubic *on that float tensor*, antialiased (the
+  default since torchvision 0.17), neither rounded nor clipped, longest side → 224 and the short side to
+  ``round(short · 224 / long)`` — then a zero pad to 224² with the smaller half on the left/top, then OpenAI
+  mean/std. The pad is 0 *before* normalisation, so padded pixels become −mean/std. This is not mainline
+  open_clip's order (PIL resize first, then ``ToTensor``): that differs by up to ~10 grey levels.
 
-Both quantise the resized image to uint8 before /255, because the references resize a PIL image.
 Images of one size go through together; mixed sizes are grouped by size and put back in input order.
 """
 
@@ -20,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
 
 from services.clip_shared.resize import resize_bicubic
 
@@ -28,7 +33,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGES_PER_TRANSFORM = 8
-"""Images resized together at most (bounds the float64 working memory of the exact resize)."""
+"""Images resized together at most (bounds the float64 working memory of the exact PIL resize)."""
 
 UInt8Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,31 +59,39 @@ def resize_and_center_crop(images: torch.Tensor, size: int = IMAGE_SIZE) -> torc
     return resized[..., top : top + size, left : left + size]
 
 
-def resize_and_pad(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """(B, 3, H, W) uint8 → (B, 3, size, size) uint8, as HPSv2's ``ResizeMaxSize`` resizes and pads with 0.
+def resize_max_size(pixels: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] → (B, 3, size, size) float, as HPSv2's ``ResizeMaxSize`` on a tensor.
 
-    HPSv2 skips the pad when the long side is already ``size``, which would hand its model a non-square
-    image; here every image ends up square (the only input the ViT accepts).
+    torchvision's antialiased bicubic on the float tensor (overshoot kept), then a zero pad. HPSv2 skips both
+    when the long side is already ``size``, which would hand its model a non-square image; here such an
+    image is left unresized (as there) and padded, so every image ends up square (the only input the ViT
+    accepts).
     """
-    height, width = longest_side_size(*images.shape[-2:], size=size)
-    resized = resize_bicubic(images, height, width)
+    height, width = longest_side_size(*pixels.shape[-2:], size=size)
+    if (height, width) != tuple(pixels.shape[-2:]):
+        pixels = TF.resize(pixels, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
     pad_h, pad_w = size - height, size - width
-    return F.pad(resized, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0)
+    return F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 → float32 ``(x / 255 − mean) / std`` with OpenAI CLIP's mean/std."""
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.to(torch.float32) / 255.0 - mean) / std
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32 in [0, 1], as torchvision's ``ToTensor`` divides."""
+    return images.to(torch.float32).div(255.0)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] → ``(x − mean) / std`` with OpenAI CLIP's mean/std."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def center_crop_transform(images: torch.Tensor) -> torch.Tensor:
-    return normalize(resize_and_center_crop(images))
+    return normalize(to_unit(resize_and_center_crop(images)))
 
 
 def pad_transform(images: torch.Tensor) -> torch.Tensor:
-    return normalize(resize_and_pad(images))
+    return normalize(resize_max_size(to_unit(images)))
 
 
 def preprocess_batch(

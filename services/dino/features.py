@@ -26,7 +26,7 @@ def preprocess(images: list[torch.Tensor], size: int = IMAGE_SIZE) -> torch.Tens
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = []
     for image in images:
-        x = image.float().div(255.0).unsqueeze(0)
+        x = image.float().mul(1.0 / 255.0).unsqueeze(0)  # the processor multiplies by its rescale_factor
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append((x[0] - mean) / std)
     return torch.stack(out)

@@ -4,9 +4,10 @@ score = ⟨f_img, f_txt⟩ of L2-normalised open_clip features, no logit scale (
 ``image_features @ text_features.T`` with ``output_dict`` features, which open_clip normalises) — about
 0.25–0.38 for text-to-image samples with the real model.
 
-Image: HPSv2's eval transform — longest side → 224 with PIL bicubic, zero-pad to 224² (the image is *not*
-cropped: the whole picture is judged), /255, OpenAI mean/std (services.clip_shared.transforms). Text:
-open_clip's CLIP BPE tokenizer, 77 tokens, longer prompts truncated with end-of-text kept last.
+Image: HPSv2's eval transform in its order — /255 to a float tensor, longest side → 224 with torchvision's
+antialiased bicubic on that tensor, zero-pad to 224² (the image is *not* cropped: the whole picture is
+judged), OpenAI mean/std (``services.clip_shared.transforms.pad_transform``). Text: open_clip's CLIP BPE
+tokenizer, 77 tokens, longer prompts truncated with end-of-text kept last.
 """
 
 from __future__ import annotations
