@@ -3,8 +3,9 @@
 A checkpoint directory holds θ, θ_old and the EMA (safetensors), the optimiser state, every RNG
 state the run draws from, the prompt stream position and the counters. It is written to a temporary
 directory and renamed into place, and ``latest`` is replaced atomically after that, so a crash or a
-full disk mid-write leaves the previous checkpoint untouched and still ``latest``. The EMA adapter is
-also exported in the layout ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads.
+full disk mid-write leaves the previous checkpoint untouched and still ``latest``. ``latest`` is a relative
+symlink, so ``checkpoints/latest/lora`` is a path any tool opens. The EMA adapter is also exported, with its
+rank, alpha and target modules, in the layout ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
     lora_export: dict[str, torch.Tensor] | None = None,
+    lora_config: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``iter-NNNNNN`` under ``root`` atomically and point ``latest`` at it."""
+    """Write checkpoint ``iter-NNNNNN`` under ``root`` atomically and point ``latest`` at it.
+
+    ``lora_export`` (adapter tensors under peft's names) is written to ``lora/`` with ``lora_config``
+    (``LoraConfig`` keyword arguments: r, lora_alpha, target_modules), which both are required for.
+    """
+    if (lora_export is None) != (lora_config is None):
+        raise ValueError("lora_export and lora_config go together: an adapter without its alpha loads wrong")
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter-{state.iteration:06d}"
     final = root / name
@@ -80,8 +88,8 @@ def save_checkpoint(
             "numpy_random": _jsonable(np.random.get_state()),
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-        if lora_export is not None:
-            export_lora(tmp / "lora", lora_export)
+        if lora_export is not None and lora_config is not None:
+            export_lora(tmp / "lora", lora_export, lora_config)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -143,29 +151,45 @@ def resolve(path: Path) -> Path:
     for candidate in (path, path / "checkpoints"):
         if (candidate / "state.json").exists():
             return candidate
-        pointer = candidate / LATEST
-        if pointer.exists():
-            return candidate / pointer.read_text().strip()
+        name = _latest_name(candidate)
+        if name is not None:
+            return candidate / name
     raise FileNotFoundError(f"no checkpoint found at {path}")
 
 
-def export_lora(directory: Path, transformer_lora: dict[str, torch.Tensor]) -> None:
-    """Save adapter tensors so ``StableDiffusion3Pipeline.load_lora_weights(directory)`` loads them."""
+def export_lora(
+    directory: Path, transformer_lora: dict[str, torch.Tensor], lora_config: dict[str, Any]
+) -> None:
+    """Save adapter tensors so ``StableDiffusion3Pipeline.load_lora_weights(directory)`` applies them as
+    trained.
+
+    ``lora_config`` goes into the safetensors header as diffusers' ``lora_adapter_metadata``, from which
+    ``load_lora_weights`` builds the adapter's ``LoraConfig``. Without it diffusers infers r from the tensor
+    shapes and takes alpha = r, which scales the update by r / alpha (half strength for alpha = 2r).
+    """
     from diffusers import StableDiffusion3Pipeline
 
     StableDiffusion3Pipeline.save_lora_weights(
-        directory, transformer_lora_layers={k: v.cpu() for k, v in transformer_lora.items()}
+        directory,
+        transformer_lora_layers={k: v.cpu() for k, v in transformer_lora.items()},
+        transformer_lora_adapter_metadata=dict(lora_config),
     )
 
 
 def _latest_name(root: Path) -> str | None:
+    """The checkpoint ``latest`` names: a symlink's target, or (older runs) a one-line file's text."""
     pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.exists() else None
+    if pointer.is_symlink():
+        return os.readlink(pointer)
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _point_latest(root: Path, name: str) -> None:
+    """Replace ``latest`` atomically (rename over it) with a relative symlink to ``name``."""
     tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(name, tmp, target_is_directory=True)
     os.replace(tmp, root / LATEST)
 
 

@@ -31,6 +31,7 @@ from trainer.model import (
     adapter_params,
     adapter_state,
     load_adapter_state,
+    lora_config_kwargs,
     use_adapter,
 )
 from trainer.nft import (
@@ -335,6 +336,7 @@ class Trainer:
             optimizer=self.optimizer,
             generators={"algorithm": self.generator},
             lora_export=ema_state,
+            lora_config=lora_config_kwargs(transformer, POLICY),
         )
 
     def _ema_state(self) -> dict[str, torch.Tensor]:

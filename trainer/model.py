@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -150,6 +151,20 @@ def add_policy_adapters(transformer: SD3Transformer2DModel, config: ModelConfig)
         if "lora_" in name:
             param.data = param.data.float()  # adapters train in float32 over half-precision weights
     use_adapter(transformer, POLICY)
+
+
+def lora_config_kwargs(transformer: SD3Transformer2DModel, name: str = POLICY) -> dict[str, Any]:
+    """The ``LoraConfig`` keyword arguments that rebuild adapter ``name`` elsewhere (the LoRA export)."""
+    config = transformer.peft_config[name]
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules),
+        "lora_dropout": config.lora_dropout,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+    }
 
 
 def use_adapter(transformer: SD3Transformer2DModel, name: str) -> None:

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run:     {run_dir}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     print(f"plots:   {run_dir / 'plots' / 'curves.png'}")
-    print(f"LoRA:    {run_dir / 'checkpoints' / 'latest'} (lora/ loads with pipe.load_lora_weights)")
+    lora = run_dir / "checkpoints" / "latest" / "lora"
+    if lora.is_dir():
+        print(f'LoRA:    {lora}  (pipe.load_lora_weights("{lora}"))')
     return 0
 
 
