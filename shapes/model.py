@@ -1,8 +1,17 @@
 """The shapes text-to-image model: a tiny SD3 in pixel space, stored in an SD3 pipeline's on-disk layout.
 
 A shapes pipeline directory has the sub-folders of a Stable Diffusion 3 pipeline, so the trainer loads the
-shapes model and SD3.5-M the same way; plain diffusers opens it with
-``StableDiffusion3Pipeline.from_pretrained(dir, vae=None, text_encoder_3=None, tokenizer_3=None)``::
+shapes model and SD3.5-M the same way; plain diffusers opens and samples it (docs/shapes.md)::
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        dir, vae=None, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
+    x0 = pipe(prompt, guidance_scale=1.0, max_sequence_length=0, output_type="latent").images
+
+``dtype`` because the files are float16 storage (the model computes in float32); ``max_sequence_length=0``
+because the model has no T5 slots; ``output_type="latent"`` because x0 is the image (there is no VAE to
+decode with; the pipeline's default size then assumes a factor-8 VAE and lands on the 32×32 sample size).
+The layout::
 
     model_index.json          components, as a diffusers pipeline writes it (vae and T5 entries are null)
     transformer/              SD3Transformer2DModel (pixel space: 3 in/out channels)

@@ -374,17 +374,32 @@ def test_shipped_prior_is_imperfect_but_in_range(shipped):
 
 
 def test_shipped_directory_opens_as_a_diffusers_sd3_pipeline(shipped):
+    """The lines docs/shapes.md gives users: one dtype throughout, and 32×32 samples equal to ours."""
     model, _ = shipped
-    # The files are float16; load_shapes_model computes in float32, so ask diffusers for the same.
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        SHIPPED, vae=None, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+        SHIPPED, vae=None, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
     )
+    assert {c.dtype for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)} == {torch.float32}
     embeds, _, pooled, _ = pipe.encode_prompt(
         PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=0
     )
     ours = model.encode_prompt(PROMPTS)
     torch.testing.assert_close(embeds, ours[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(pooled, ours[1], atol=1e-6, rtol=0)
+
+    pipe.set_progress_bar_config(disable=True)
+    x0 = pipe(
+        PROMPTS[:2],
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        max_sequence_length=0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert x0.shape == (2, 3, 32, 32)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = sample_euler(model.transformer, model.scheduler, noise, *model.encode_prompt(PROMPTS[:2]), 4)
+    torch.testing.assert_close(x0, expected, atol=1e-6, rtol=0)
 
 
 def test_shipped_model_generates_and_scores(shipped):
