@@ -11,6 +11,7 @@ the KL reference.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,15 +67,51 @@ def resolve_path(path: str) -> str:
     return str(SHAPES_MODEL) if path == "shapes" else path
 
 
+REQUIRED_COMPONENTS = (
+    "transformer",
+    "scheduler",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+)
+OPTIONAL_COMPONENTS = ("vae", "text_encoder_3", "tokenizer_3")
+"""Absent optional components mean a pixel-space model (no vae) or zero T5 slots (no T5), as in diffusers."""
+
+
 def _has(path: str, sub: str) -> bool | None:
     """Whether a local pipeline dir has a component; None for hub ids (assume the standard layout)."""
     local = Path(path)
     return (local / sub).is_dir() if local.is_dir() else None
 
 
+def check_pipeline_dir(path: str) -> None:
+    """Refuse a local directory that lacks a component it needs, naming the component.
+
+    Needed: the six CLIP/transformer/scheduler folders, and every component ``model_index.json`` lists
+    with a class (a null entry, as the shapes model's vae, means the pipeline has none). Hub ids pass.
+    """
+    local = Path(path)
+    if not local.exists():
+        if local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
+            raise ValueError(f"model {path!r}: no such directory (and not a hub id owner/name)")
+        return
+    if not local.is_dir():
+        raise ValueError(f"model {path!r} is not a directory in the SD3 pipeline layout")
+    needed = list(REQUIRED_COMPONENTS)
+    index = local / "model_index.json"
+    if index.is_file():
+        listed = json.loads(index.read_text())
+        needed += [c for c in OPTIONAL_COMPONENTS if isinstance(listed.get(c), list) and listed[c][0]]
+    missing = [c for c in needed if not (local / c).is_dir()]
+    if missing:
+        raise ValueError(f"model {path!r} is missing component(s) {', '.join(f'{c}/' for c in missing)}")
+
+
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowModel:
     """Load transformer, scheduler, text encoders and (if present) VAE; freeze everything."""
     path = resolve_path(config.path)
+    check_pipeline_dir(path)
     dtype = DTYPES[config.dtype]
     transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
