@@ -41,6 +41,7 @@ from shapes.model import MANIFEST, ShapesModel, load_shapes_model, read_manifest
 from shapes.pretrain import reexec_with_passive_openmp
 from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
 from shapes.vocab import CLASSES, TAGS
+from trainer.sampler import sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
 
@@ -108,21 +109,22 @@ def sample_euler(
 ) -> torch.Tensor:
     """Deterministic flow ODE from σ = 1 to 0: (B, C, H, W) noise → x0, no guidance.
 
-    Uses ``scheduler.sigmas`` / ``scheduler.timesteps`` after ``set_timesteps`` (shifted grid, final σ = 0)
-    and the update of ``FlowMatchEulerDiscreteScheduler.step``, in float32.
+    The trainer's ODE loop (``trainer.sampler.sample``, Euler) on ``scheduler.sigmas`` after
+    ``set_timesteps`` (shifted grid, final σ = 0), with ``timestep = σ·1000`` in float32 as the scheduler's
+    ``timesteps``: the update of ``FlowMatchEulerDiscreteScheduler.step``, in float32.
     """
     scheduler.set_timesteps(num_steps, device=noise.device)
-    sigmas = scheduler.sigmas
-    x = noise.float()
-    for i, t in enumerate(scheduler.timesteps):
-        v = transformer(
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), sigma, device=x.device) * 1000.0
+        return transformer(
             hidden_states=x.to(transformer.dtype),
             encoder_hidden_states=prompt_embeds,
             pooled_projections=pooled,
-            timestep=t.expand(x.shape[0]),
-        ).sample
-        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
-    return x
+            timestep=timestep,
+        ).sample.float()
+
+    return sample(velocity, noise.float(), scheduler.sigmas.float().cpu(), method="euler")
 
 
 def to_rule_detections(found: Detections) -> dict[str, list[Detection]]:

@@ -10,6 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainer.sampler import FlowODESampler, blend_condition, perturbation_weight, sample
+from trainer.text import Conditioning
 
 
 def sd3_sigmas(num_steps: int) -> torch.Tensor:
@@ -191,3 +192,34 @@ def test_blend_condition():
     assert blend_condition(c_opt, c_orig, torch.tensor(0.5)).tolist() == [[1.0, 6.0]]
     with pytest.raises(ValueError, match="same shape"):
         blend_condition(c_opt, c_orig[:, :1], 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_rollouts_blend_rounds_once_in_half_precision(dtype: torch.dtype) -> None:
+    """``Conditioning.blend`` — what the rollout calls on SD3.5-M's fp16 conditions — against float64.
+
+    Each value may be off by the one final rounding to ``dtype`` (half an ulp) plus float32's rounding of
+    the two products; computing in ``dtype`` itself rounds γ and each product too and lands further away.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((6, 77 + 16, 64), (6, 48))
+    c_opt, c_orig = (
+        Conditioning(*(torch.randn(s, generator=generator).mul(3).to(dtype) for s in shapes))
+        for _ in range(2)
+    )
+    gamma = torch.tensor([0.0, 1.0, 0.1, 1 / 3, 0.77, 0.5])
+    blended = Conditioning.blend(c_opt, c_orig, gamma)
+    for got, opt, orig, view in (
+        (blended.prompt_embeds, c_opt.prompt_embeds, c_orig.prompt_embeds, (-1, 1, 1)),
+        (blended.pooled, c_opt.pooled, c_orig.pooled, (-1, 1)),
+    ):
+        assert got.dtype == dtype
+        g = gamma.double().view(view)
+        reference = g * opt.double() + (1 - g) * orig.double()
+        info = torch.finfo(dtype)
+        binade = torch.exp2(torch.floor(torch.log2(reference.abs().clamp(min=info.smallest_normal))))
+        ulp = info.eps * binade  # subnormals share the smallest normal binade's spacing
+        terms = (g * opt.double()).abs() + ((1 - g) * orig.double()).abs()  # float32 rounds these
+        slack = 0.5 * ulp + 4 * torch.finfo(torch.float32).eps * terms
+        assert ((got.double() - reference).abs() <= slack).all()
+        assert torch.equal(got[0], orig[0]) and torch.equal(got[1], opt[1])  # γ = 0 and 1 are exact

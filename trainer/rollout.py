@@ -20,7 +20,8 @@ import torch
 
 from trainer.config import RolloutConfig
 from trainer.model import FlowModel
-from trainer.sampler import FlowODESampler, perturbation_weight
+from trainer.sampler import perturbation_weight
+from trainer.sampler import sample as ode_sample
 from trainer.text import Conditioning
 
 
@@ -81,18 +82,17 @@ def sample(
     ``autocast`` makes the mixed-precision context of each forward (e.g. ``accelerator.autocast``).
     """
     device = x1.device
-    solver = FlowODESampler(sigmas, method=config.sampler)
-    x = x1
-    for i in range(len(sigmas) - 1):
-        sigma = float(sigmas[i])
+    weights = perturbed.to(device, torch.float32)
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         gamma = perturbation_weight(sigma, config.rho) if config.schedule == "noise_aware" else 1.0
-        weights = perturbed.to(device, torch.float32) * gamma
-        cond = Conditioning.blend(c_opt, c_orig, weights)
+        cond = Conditioning.blend(c_opt, c_orig, weights * gamma)
         sigma_batch = torch.full((x.shape[0],), sigma, device=device)
         with autocast():
             v = model.velocity(x.to(model.transformer.dtype), sigma_batch, cond.prompt_embeds, cond.pooled)
-        x = solver.step(i, x, v.float())
-    return x
+        return v.float()
+
+    return ode_sample(velocity, x1, sigmas, method=config.sampler)
 
 
 def iterate_chunks(plan: RolloutPlan, batch_size: int) -> Iterator[torch.Tensor]:

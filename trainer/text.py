@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.sampler import blend_condition
+
 
 @dataclass
 class Conditioning:
@@ -45,12 +47,14 @@ class Conditioning:
 
     @staticmethod
     def blend(c_opt: Conditioning, c_orig: Conditioning, gamma: torch.Tensor) -> Conditioning:
-        """γ·C_opt + (1 − γ)·C_orig (E2PO Eq. 13), γ of shape (B,), applied to both tensors alike."""
-        g3 = gamma.to(c_opt.prompt_embeds.dtype).view(-1, 1, 1)
-        g2 = gamma.to(c_opt.pooled.dtype).view(-1, 1)
+        """γ·C_opt + (1 − γ)·C_orig (E2PO Eq. 13), γ of shape (B,), applied to both tensors alike.
+
+        Through :func:`trainer.sampler.blend_condition`: computed in at least float32 and rounded once to
+        the condition's dtype, so an fp16/bf16 condition (SD3.5-M) is as exact as its dtype allows.
+        """
         return Conditioning(
-            g3 * c_opt.prompt_embeds + (1 - g3) * c_orig.prompt_embeds,
-            g2 * c_opt.pooled + (1 - g2) * c_orig.pooled,
+            blend_condition(c_opt.prompt_embeds, c_orig.prompt_embeds, gamma.view(-1, 1, 1)),
+            blend_condition(c_opt.pooled, c_orig.pooled, gamma.view(-1, 1)),
         )
 
 
