@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) -m bench.fairness --quick
 	$(PY) -m bench.trainer --quick
 	$(PY) -m bench.gpu_sd3 --smoke
+	$(PY) -m bench.gpu_e2e --tiny
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -18,8 +18,15 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 THREADS_ENV = "BENCH_TORCH_THREADS"
 """Intra-op threads of every process that runs a model in a benchmark; children inherit it."""
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """An architecture config from ``bench/configs`` (a hub repository's), without its ``_`` notes."""
+    raw = json.loads((CONFIGS / name).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 def use_torch_threads(num_threads: int | None = None) -> int:
@@ -107,10 +114,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``bench/results/<name>.json`` with the run's context and return its path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """Write ``<directory>/<name>.json`` (``bench/results`` by default) with the run's context; return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     document = {
         "benchmark": name,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -29,12 +29,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from bench.common import model_config
+
 PARTS = ("policy_bf16", "nft_style_fp16", "perturb")
 RESULT_PREFIX = "RESULT "
 
@@ -58,15 +58,10 @@ class Scale:
     perturb_steps: int
 
 
-def _config(name: str) -> dict[str, Any]:
-    raw = json.loads((CONFIGS / name).read_text())
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
-
-
 def full_scale() -> Scale:
     return Scale(
-        transformer=_config("sd35m_transformer.json"),
-        clip=_config("clip_l_text.json"),
+        transformer=model_config("sd35m_transformer.json"),
+        clip=model_config("clip_l_text.json"),
         latent_size=64,
         text_tokens=77 + 128,
         num_noises=4,
@@ -82,7 +77,7 @@ def full_scale() -> Scale:
 
 def smoke_scale() -> Scale:
     """Same code paths, sizes that run in seconds on a CPU."""
-    transformer = _config("sd35m_transformer.json")
+    transformer = model_config("sd35m_transformer.json")
     transformer.update(
         sample_size=16,
         num_layers=2,
@@ -94,7 +89,7 @@ def smoke_scale() -> Scale:
         pos_embed_max_size=16,
         dual_attention_layers=[0],
     )
-    clip = _config("clip_l_text.json")
+    clip = model_config("clip_l_text.json")
     clip.update(
         hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2
     )

@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 from services.geneval.scorer import GenEvalScorer
 from shapes.prompts import all_metadata
 from tests.conftest import running_server
-from tests.sd35m_layout import RESOLUTION, SCALING_FACTOR, SHIFT_FACTOR, write_tiny_sd35m
+from tests.sd35m_layout import (
+    JOINT_ATTENTION_DIM,
+    POOLED_DIM,
+    RESOLUTION,
+    SCALING_FACTOR,
+    SHIFT_FACTOR,
+    write_tiny_sd35m,
+)
 from trainer.config import build_config
 from trainer.model import POLICY, load_adapter_state, load_model, use_adapter
 from trainer.rollout import sample, sample_sigmas
@@ -216,8 +223,10 @@ def test_geneval_k12_runs_resumes_and_exports_on_the_hub_layout(model_dir: Path,
     generator = torch.Generator().manual_seed(1)
     inputs = {
         "hidden_states": torch.randn(2, 16, 8, 8, generator=generator),
-        "encoder_hidden_states": torch.randn(2, 77 + MAX_SEQUENCE_LENGTH, 32, generator=generator),
-        "pooled_projections": torch.randn(2, 40, generator=generator),
+        "encoder_hidden_states": torch.randn(
+            2, 77 + MAX_SEQUENCE_LENGTH, JOINT_ATTENTION_DIM, generator=generator
+        ),
+        "pooled_projections": torch.randn(2, POOLED_DIM, generator=generator),
         "timestep": torch.tensor([300.0, 900.0]),
     }
     with torch.no_grad():
