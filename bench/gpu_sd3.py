@@ -205,8 +205,7 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
         num_noises=scale.num_noises, num_conditions=scale.num_conditions, batch_size=scale.rollout_batch
     )
     plan = RolloutPlan.build(1, config)
-    generator = torch.Generator().manual_seed(0)
-    noise = draw_noise(1, config, model.sample_shape, generator)
+    noise = draw_noise(config, model.sample_shape, [torch.Generator().manual_seed(0)])
     dtype = model.transformer.dtype
     c_orig = _condition(scale, 1, dtype, device)
     c_opt = _condition(scale, scale.num_conditions - 1, dtype, device)
@@ -259,6 +258,7 @@ def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: 
             x0=torch.randn(batch_size, *model.sample_shape),
             condition=_condition(scale, batch_size, torch.float32, torch.device("cpu")),
             r=torch.rand(batch_size),
+            generators=[torch.Generator().manual_seed(i) for i in range(batch_size)],
         )
 
         def step(grid: torch.Tensor, o: Any = optim, b: Any = batch) -> None:
@@ -279,7 +279,7 @@ def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: 
                 torch.cuda.empty_cache()
             continue
         samples = batch_size * scale.update_repeats
-        timesteps = train_sigmas(1, sigmas, nft.train_timestep_fraction, torch.Generator()).shape[1]
+        timesteps = train_sigmas(sigmas, nft.train_timestep_fraction, [torch.Generator()]).shape[1]
         return {
             "train_batch_size": batch_size,
             "out_of_memory_at": tried,

@@ -47,8 +47,8 @@ def spied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **rollout: Any) -
     spy = Spy()
     real_perturb, real_rollout, real_update = loop.Trainer.perturb, loop.Trainer.rollout, loop.nft_update
 
-    def perturb(self: loop.Trainer, prompts: list[str]):
-        result, c_opt = real_perturb(self, prompts)
+    def perturb(self: loop.Trainer, prompts: list[str], positions: list[int]):
+        result, c_opt = real_perturb(self, prompts, positions)
         spy.prompts.append(list(prompts))
         spy.c_opt.append(c_opt)
         if len(spy.prompts) == 1:  # move θ away from θ_old, so that sampling with the wrong one shows
@@ -57,8 +57,8 @@ def spied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **rollout: Any) -
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
         return result, c_opt
 
-    async def spied_rollout(self: loop.Trainer, records, c_orig, c_opt):
-        out = await real_rollout(self, records, c_orig, c_opt)
+    async def spied_rollout(self: loop.Trainer, records, c_orig, c_opt, positions):
+        out = await real_rollout(self, records, c_orig, c_opt, positions)
         spy.rollouts.append(out)
         return out
 
@@ -174,15 +174,17 @@ def test_nft_update_is_the_hand_computed_loss_and_one_sgd_step() -> None:
         x0=torch.randn(n, *model.sample_shape, generator=data),
         condition=cond,
         r=torch.rand(n, generator=data),
+        generators=[torch.Generator().manual_seed(100 + i) for i in range(n)],
     )
     sigmas = sample_sigmas(model, 4)
     nft = NFTConfig(nft_beta=0.7, kl_weight=0.3, adv_clip=5.0, train_timestep_fraction=0.8)
     optim = OptimConfig(lr=lr, grad_clip=0.0, train_batch_size=3)
 
-    # By hand, drawing from the generator in nft_update's order: sample order, timesteps, then noise.
-    rng = torch.Generator().manual_seed(7)
-    order = torch.randperm(n, generator=rng)
-    t_all = train_sigmas(n, sigmas, nft.train_timestep_fraction, rng)
+    # By hand: the order generator shuffles the samples; each sample's generator draws its timesteps,
+    # then its noise at each of them in turn.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    own = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+    t_all = train_sigmas(sigmas, nft.train_timestep_fraction, own)
     assert t_all.shape == (n, 3)
     theta = dict(adapter_named_params(transformer, POLICY))
     before = adapter_state(transformer, POLICY)
@@ -203,7 +205,7 @@ def test_nft_update_is_the_hand_computed_loss_and_one_sgd_step() -> None:
         x0, c, r = batch.x0[idx], batch.condition[idx], batch.r[idx]
         for j in range(3):
             t = t_all[idx, j]
-            eps = torch.randn(x0.shape, generator=rng)
+            eps = torch.stack([torch.randn(x0.shape[1:], generator=own[int(i)]) for i in idx])
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
             with torch.no_grad():
                 v_old, v_ref = v(OLD, x_t, t, c), v(None, x_t, t, c)

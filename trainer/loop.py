@@ -42,7 +42,7 @@ from trainer.nft import (
     old_policy_decay,
     optimality_probability,
 )
-from trainer.perturb import PerturbResult, content_mask, optimize_perturbations
+from trainer.perturb import PerturbResult, content_mask, optimize_perturbations, sample_initial_deltas
 from trainer.prompts import PromptStream, Record, load_records, reward_metadata
 from trainer.rewards import RewardSet
 from trainer.rollout import (
@@ -54,12 +54,25 @@ from trainer.rollout import (
     sample_conditions,
     sample_sigmas,
 )
+from trainer.seeding import keyed_generator
 from trainer.text import Conditioning
 from trainer.tracking import RunLog
 from trainer.update import TrainBatch, nft_update
 
 log = logging.getLogger(__name__)
 EMA = "ema"
+
+
+def across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Per-rank scalars combined over all ranks: ``*_max`` / ``*_min`` by max / min, the rest by the mean
+    (each rank holds the same number of prompts and samples, so the mean of means is the mean)."""
+    gathered = gather_object([values])
+    out = {}
+    for key in values:
+        column = [part[key] for part in gathered]
+        reduce = max if key.endswith("_max") else min if key.endswith("_min") else np.mean
+        out[key] = float(reduce(column))
+    return out
 
 
 @dataclass
@@ -104,6 +117,11 @@ class Trainer:
             mixed_precision=config.optim.mixed_precision, cpu=model.transformer.device.type == "cpu"
         )
         acc = self.accelerator
+        if config.data.num_prompts % acc.num_processes:
+            raise ValueError(
+                f"data.num_prompts = {config.data.num_prompts} must be a multiple of the {acc.num_processes} "
+                "processes: each rank samples whole prompts, the same number on every rank"
+            )
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
             adapter_params(model.transformer, POLICY),
@@ -116,9 +134,9 @@ class Trainer:
         self.ema = {
             k: p.detach().clone().float() for k, p in adapter_named_params(model.transformer, POLICY).items()
         }
-        # One CPU generator per rank draws every random number of the algorithm, so results do not depend
-        # on the device and a resumed run replays exactly.
-        self.generator = torch.Generator().manual_seed(config.run.seed + 1_000_003 * acc.process_index)
+        # Every random number of the algorithm is drawn from a generator keyed by what it is for
+        # (trainer.seeding): independent of the device and of the rank layout, and replayed on resume.
+        self.seed = config.run.seed
         self.stream = PromptStream(
             load_records(config.data.train, "train"), seed=config.run.seed, balance_by_tag=True
         )
@@ -167,15 +185,17 @@ class Trainer:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         acc = self.accelerator
-        records = self.stream.next(self.config.data.num_prompts)[acc.process_index :: acc.num_processes]
+        picked = self.stream.next(self.config.data.num_prompts)
+        positions = list(range(acc.process_index, len(picked), acc.num_processes))
+        records = [picked[i] for i in positions]
         prompts = [r["prompt"] for r in records]
         c_orig = self.model.text.encode(prompts)
 
-        perturbed, c_opt = self.perturb(prompts)
+        perturbed, c_opt = self.perturb(prompts, positions)
         timings["time/perturb"] = time.perf_counter() - started
 
         rollout_started = time.perf_counter()
-        rollout = await self.rollout(records, c_orig, c_opt)
+        rollout = await self.rollout(records, c_orig, c_opt, positions)
         plan, rewards, outputs = rollout.plan, rollout.rewards, rollout.outputs
         timings["time/rollout"] = time.perf_counter() - rollout_started - rollout.reward_wait
         timings["time/reward_wait"] = rollout.reward_wait
@@ -192,16 +212,20 @@ class Trainer:
 
         update_started = time.perf_counter()
         condition = self._training_condition(plan, c_orig, c_opt)
+        sample_draws = [
+            self.draws("update", positions[int(p)], int(j), int(k))
+            for p, j, k in zip(plan.prompt_index, plan.noise_index, plan.condition_index, strict=True)
+        ]
         parts, steps = nft_update(
             self.model,
             acc,
             self.transformer,
             self.optimizer,
-            TrainBatch(x0=rollout.x0, condition=condition, r=r),
+            TrainBatch(x0=rollout.x0, condition=condition, r=r, generators=sample_draws),
             rollout.sigmas,
             self.config.nft,
             self.config.optim,
-            self.generator,
+            self.draws("order", acc.process_index),
         )
         policy = adapter_params(self.model.transformer, POLICY)
         for _ in range(steps):
@@ -216,16 +240,16 @@ class Trainer:
         metrics: dict[str, Any] = {}
         metrics.update(group_stats(all_rewards, all_keys))
         for name, values in outputs.items():
-            metrics[f"reward/{name}"] = float(np.mean(values))
-        metrics.update({f"nft/{k}": v for k, v in parts.items()})
+            metrics[f"reward/{name}"] = float(np.mean(np.concatenate(gather_object([values]))))
+        metrics.update({f"nft/{k}": v for k, v in across_ranks(parts).items()})
         metrics["nft/old_decay"] = decay
-        metrics["nft/r_mean"] = float(r.mean())
-        metrics.update(perturbed.stats() if perturbed is not None else {})
+        metrics["nft/r_mean"] = across_ranks({"r": float(r.mean())})["r"]
+        metrics.update(across_ranks(perturbed.stats() if perturbed is not None else {}))
         metrics.update(timings)
         metrics["global_step"] = self.global_step
         samples = [
             {
-                "sample": i,
+                "sample": start + i,
                 "prompt": keys[i],
                 "noise": int(plan.noise_index[i]),
                 "condition": int(plan.condition_index[i]),
@@ -234,12 +258,22 @@ class Trainer:
             }
             for i in range(len(keys))
         ]
+        samples = [s for part in gather_object([samples]) for s in part]  # every rank's, logged once
         return IterationResult(metrics=metrics, samples=samples)
+
+    def draws(self, purpose: str, *key: int) -> torch.Generator:
+        """The generator of this iteration's draws for ``purpose`` and ``key`` (trainer.seeding)."""
+        return keyed_generator(self.seed, purpose, self.iteration, *key)
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def perturb(self, prompts: list[str]) -> tuple[PerturbResult | None, Conditioning | None]:
-        """Optimise the K − 1 (or K) CLIP-L perturbations of every prompt; C_opt flattened prompt-major."""
+    def perturb(
+        self, prompts: list[str], positions: list[int]
+    ) -> tuple[PerturbResult | None, Conditioning | None]:
+        """Optimise the K − 1 (or K) CLIP-L perturbations of every prompt; C_opt flattened prompt-major.
+
+        Prompt ``prompts[i]`` is the ``positions[i]``-th of the iteration; its initial δ is keyed by that.
+        """
         num_m = num_variants(self.config.rollout)
         if num_m == 0:
             return None, None
@@ -255,22 +289,30 @@ class Trainer:
             rows = device_ids.repeat_interleave(batch.shape[0] // len(prompts), dim=0)
             return text.clip_l_pooled(rows, batch)
 
+        mask = mask.to(text.device)
+        init = [
+            sample_initial_deltas(
+                mask[i : i + 1], num_m, token_embeds.shape[-1], self.config.perturb.init_std,
+                self.draws("perturb", position),
+            )
+            for i, position in enumerate(positions)
+        ]  # fmt: skip
         result = optimize_perturbations(
-            embed_fn, token_embeds, mask.to(text.device), num_m, self.config.perturb, self.generator
+            embed_fn, token_embeds, mask, num_m, self.config.perturb, None, init_deltas=torch.cat(init)
         )
         flat = result.perturbed_embeds.reshape(-1, *result.perturbed_embeds.shape[2:])
         c_opt = text.encode([p for p in prompts for _ in range(num_m)], clip_l_token_embeds=flat)
         return result, c_opt
 
     async def rollout(
-        self, records: list[Record], c_orig: Conditioning, c_opt: Conditioning | None
+        self, records: list[Record], c_orig: Conditioning, c_opt: Conditioning | None, positions: list[int]
     ) -> Rollout:
         """Sample the G×K grid with θ_old chunk by chunk; each decoded chunk is sent for scoring at once."""
         cfg = self.config.rollout
         model = self.model
         device = self.accelerator.device
         plan = RolloutPlan.build(len(records), cfg)
-        noise = draw_noise(len(records), cfg, model.sample_shape, self.generator)
+        noise = draw_noise(cfg, model.sample_shape, [self.draws("noise", p) for p in positions])
         sigmas = sample_sigmas(model, cfg.num_steps)
         x0_parts = []
         use_adapter(model.transformer, OLD)
@@ -334,7 +376,7 @@ class Trainer:
                 EMA: ema_state,
             },
             optimizer=self.optimizer,
-            generators={"algorithm": self.generator},
+            generators={},
             lora_export=ema_state,
             lora_config=lora_config_kwargs(transformer, POLICY),
         )
@@ -343,9 +385,7 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self.ema.items()}
 
     def _restore(self, path: Path) -> None:
-        state, adapters = ckpt.load_checkpoint(
-            path, optimizer=self.optimizer, generators={"algorithm": self.generator}
-        )
+        state, adapters = ckpt.load_checkpoint(path, optimizer=self.optimizer, generators={})
         transformer = self.model.transformer
         load_adapter_state(transformer, POLICY, adapters[POLICY])
         load_adapter_state(transformer, OLD, adapters[OLD])

@@ -53,10 +53,11 @@ def num_variants(config: RolloutConfig) -> int:
 
 
 def draw_noise(
-    num_prompts: int, config: RolloutConfig, shape: tuple[int, int, int], generator: torch.Generator
+    config: RolloutConfig, shape: tuple[int, int, int], generators: list[torch.Generator]
 ) -> torch.Tensor:
-    """(P, G, C, H, W) standard normal noise from ``generator`` (a CPU generator: device independent)."""
-    return torch.randn((num_prompts, config.num_noises, *shape), generator=generator)
+    """(P, G, C, H, W) standard normal noise, prompt p's G noises from ``generators[p]`` (CPU generators:
+    device independent, and keyed per prompt so that the split of prompts over ranks does not matter)."""
+    return torch.stack([torch.randn((config.num_noises, *shape), generator=g) for g in generators])
 
 
 def sample_sigmas(model: FlowModel, num_steps: int) -> torch.Tensor:

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RewardUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the summary, like the files, comes from rank 0 only
     print(f"run:     {run_dir}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     print(f"plots:   {run_dir / 'plots' / 'curves.png'}")

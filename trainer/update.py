@@ -24,21 +24,23 @@ from trainer.text import Conditioning
 
 @dataclass
 class TrainBatch:
-    """What an update needs per sample: x0 (N, C, H, W), its training condition, r (N,)."""
+    """What an update needs per sample: x0 (N, C, H, W), its training condition, r (N,), and its own
+    generator, which draws the sample's training timesteps and then its noise at each of them (so a
+    sample's draws do not depend on which rank or micro-batch it lands in; ``trainer.seeding``)."""
 
     x0: torch.Tensor
     condition: Conditioning
     r: torch.Tensor
+    generators: list[torch.Generator]
 
 
-def train_sigmas(
-    num_samples: int, sigmas: torch.Tensor, fraction: float, generator: torch.Generator
-) -> torch.Tensor:
-    """(N, T_train) per-sample shuffled sampler timesteps σ_i (i < steps), the first int(fraction·steps)."""
+def train_sigmas(sigmas: torch.Tensor, fraction: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """(N, T_train) per-sample shuffled sampler timesteps σ_i (i < steps), the first int(fraction·steps);
+    sample n's permutation is drawn from ``generators[n]``."""
     steps = len(sigmas) - 1
     # int(), as DiffusionNFT computes it: 0.99 of 10 steps trains on 9 (a ceiling would give all 10).
     keep = max(1, int(fraction * steps))
-    order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(num_samples)])
+    order = torch.stack([torch.randperm(steps, generator=g) for g in generators])
     return sigmas[:-1][order[:, :keep]]
 
 
@@ -56,12 +58,17 @@ def nft_update(
     """Run this iteration's optimiser steps; return mean loss parts and the number of steps taken.
 
     ``transformer`` is the accelerate-prepared (possibly DDP-wrapped) module used for the θ forward;
-    the no-grad θ_old and reference forwards go through the bare ``model.transformer``.
+    the no-grad θ_old and reference forwards go through the bare ``model.transformer``. ``generator``
+    only shuffles the samples into micro-batches; each sample's own draws come from ``batch.generators``.
+    With equal micro-batches the gradient is the mean over samples, so the shuffle, and how the samples
+    are split across DDP ranks, change it only by float rounding.
     """
     device = accelerator.device
     num = batch.x0.shape[0]
+    if len(batch.generators) != num:
+        raise ValueError(f"need one generator per sample, got {len(batch.generators)} for {num}")
     order = torch.randperm(num, generator=generator)
-    t_all = train_sigmas(num, sigmas, nft.train_timestep_fraction, generator)
+    t_all = train_sigmas(sigmas, nft.train_timestep_fraction, batch.generators)
     windows = [w for w in order.tensor_split(optim.optimizer_steps_per_iteration) if len(w)]
     totals: dict[str, float] = defaultdict(float)
     count = 0
@@ -75,7 +82,9 @@ def nft_update(
             r = batch.r[idx].to(device)
             for j in range(t_all.shape[1]):
                 t = t_all[idx, j].to(device)
-                eps = torch.randn(x0.shape, generator=generator).to(device)
+                eps = torch.stack(
+                    [torch.randn(x0.shape[1:], generator=batch.generators[int(i)]) for i in idx]
+                ).to(device)
                 x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
                 last = m == len(micro) - 1 and j == t_all.shape[1] - 1
                 parts = _loss_and_backward(
