@@ -1,0 +1,178 @@
+"""How much a shapes prior listens to each text encoder — the property E2PO's CLIP-L perturbation relies on.
+
+    python -m shapes.sensitivity [--model DIR] [--prompts 48] [--json out.json]
+
+SD3 trains with independent dropout of each text encoder, so either encoder alone conditions SD3.5-M; E2PO
+perturbs only CLIP-L. On held-out prompts, at shared noises, with the ``shapes`` preset's rollout (Euler,
+its step count, the noise-aware schedule), this measures:
+
+* **Encoder swap** — prompt p sampled with CLIP-L's part of the conditioning (its features of
+  ``prompt_embeds`` and of ``pooled``) taken from another prompt q, and likewise for CLIP-G: the share of
+  samples whose GenEval-shapes verdict against p changes, and the pixel RMS to p's own image.
+* **Perturbation vs noise** — the preset's optimised CLIP-L perturbations (``trainer.perturb``, K − 1 per
+  prompt): pixel RMS of each perturbed sample to the anchor sample at the same noise, against the RMS
+  between two noises under the anchor condition; and the share of (prompt, noise) cells whose verdict is
+  the same across all K conditions (ties, which give E2PO's groups no signal).
+
+Pixels are in [0, 1]. Everything is seeded; the numbers are those of ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shapes.evaluate import DEFAULT_MODEL, EvalConfig, heldout_records, score_images
+from shapes.model import read_manifest
+from shapes.pretrain import reexec_with_passive_openmp
+from trainer.config import build_config
+from trainer.model import FlowModel, load_model
+from trainer.perturb import content_mask, optimize_perturbations
+from trainer.rollout import sample, sample_sigmas
+from trainer.text import Conditioning
+
+
+def swap_encoder(cond: Conditioning, donor: Conditioning, model: FlowModel, which: str) -> Conditioning:
+    """``cond`` with CLIP-L's (``which='l'``) or CLIP-G's features replaced by ``donor``'s."""
+    text = model.text
+    width_l, width_g = text.text_encoder.config.hidden_size, text.text_encoder_2.config.hidden_size
+    proj_l = text.text_encoder.config.projection_dim
+    embeds, pooled = cond.prompt_embeds.clone(), cond.pooled.clone()
+    clip_tokens = donor.prompt_embeds.shape[1] - text.max_sequence_length
+    if which == "l":
+        features, pooled_slice = slice(0, width_l), slice(0, proj_l)
+    else:
+        features, pooled_slice = slice(width_l, width_l + width_g), slice(proj_l, None)
+    embeds[:, :clip_tokens, features] = donor.prompt_embeds[:, :clip_tokens, features]
+    pooled[:, pooled_slice] = donor.pooled[:, pooled_slice]
+    return Conditioning(embeds, pooled)
+
+
+def to_images(model: FlowModel, x0: torch.Tensor) -> np.ndarray:
+    return (model.decode(x0) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image pixel RMS of two (N, H, W, 3) uint8 batches, in [0, 1] units."""
+    diff = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    return np.sqrt((diff**2).reshape(len(a), -1).mean(axis=1))
+
+
+def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
+    cfg = build_config("shapes")
+    cfg.model.path = str(model_dir)
+    model = load_model(cfg.model, "cpu")
+    rollout = cfg.rollout
+    split_seed = (read_manifest(model_dir) or {}).get("pretrain", {}).get("split_seed", 0)
+    records = heldout_records(split_seed)
+    rng = np.random.default_rng(seed)
+    records = [
+        records[i] for i in rng.choice(len(records), size=min(num_prompts, len(records)), replace=False)
+    ]
+    prompts = [r["prompt"] for r in records]
+    donors = [
+        prompts[(i + 1 + int(rng.integers(len(prompts) - 1))) % len(prompts)] for i in range(len(prompts))
+    ]
+    noises = torch.randn(2, len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(seed))
+    sigmas = sample_sigmas(model, rollout.num_steps)
+    none = torch.zeros(len(prompts), dtype=torch.bool)
+    everyone = torch.ones(len(prompts), dtype=torch.bool)
+    score = EvalConfig()
+
+    def run(cond: Conditioning, noise: torch.Tensor, opt: Conditioning | None = None) -> np.ndarray:
+        perturbed = none if opt is None else everyone
+        return to_images(model, sample(model, noise, cond, opt or cond, perturbed, sigmas, rollout))
+
+    def verdicts(images: np.ndarray) -> np.ndarray:
+        return np.array(score_images(images, records, score)[1])
+
+    with torch.no_grad():
+        c_orig, c_donor = model.text.encode(prompts), model.text.encode(donors)
+    anchor = run(c_orig, noises[0])
+    anchor_ok = verdicts(anchor)
+    out: dict[str, Any] = {"model": str(model_dir), "prompts": len(prompts), "seed": seed}
+    for which in ("l", "g"):
+        swapped = run(swap_encoder(c_orig, c_donor, model, which), noises[0])
+        out[f"swap_clip_{which}"] = {
+            "verdict_changed": float(np.mean(verdicts(swapped) != anchor_ok)),
+            "pixel_rms": float(rms(swapped, anchor).mean()),
+        }
+
+    text = model.text
+    ids = text.clip_l_ids(prompts)
+    tok = text.tokenizer
+    mask = content_mask(ids, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        token_embeds = text.clip_l_token_embeddings(ids)
+
+    def embed_fn(batch: torch.Tensor) -> torch.Tensor:
+        return text.clip_l_pooled(ids.repeat_interleave(batch.shape[0] // len(prompts), dim=0), batch)
+
+    variants = rollout.num_conditions - 1
+    result = optimize_perturbations(
+        embed_fn, token_embeds, mask, variants, cfg.perturb, torch.Generator().manual_seed(seed + 1)
+    )
+    perturbed_rms, tie_rows = [], [anchor_ok]
+    for v in range(variants):
+        with torch.no_grad():
+            c_opt = text.encode(prompts, clip_l_token_embeds=result.perturbed_embeds[:, v])
+        images = run(c_orig, noises[0], c_opt)
+        perturbed_rms.append(rms(images, anchor))
+        tie_rows.append(verdicts(images))
+    between_noises = rms(run(c_orig, noises[1]), anchor)
+    out["perturbation"] = {
+        "variants_per_prompt": variants,
+        "max_norm_mode": cfg.perturb.max_norm_mode,
+        "max_norm": cfg.perturb.max_norm,
+        "cos_to_anchor_mean": float(result.cos_to_anchor.mean()),
+        "pixel_rms_to_anchor_same_noise": float(np.mean(perturbed_rms)),
+        "pixel_rms_between_noises": float(between_noises.mean()),
+        "ties_across_k": float(np.mean(np.all(np.stack(tie_rows) == tie_rows[0], axis=0))),
+    }
+    out["anchor_correct"] = float(anchor_ok.mean())
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    p = result["perturbation"]
+    rows = [
+        f"model {result['model']}: {result['prompts']} held-out prompts, seed {result['seed']}",
+        f"anchor samples correct                          {result['anchor_correct']:.3f}",
+        f"swap CLIP-L: verdicts changed {result['swap_clip_l']['verdict_changed']:.3f}, "
+        f"pixel RMS {result['swap_clip_l']['pixel_rms']:.4f}",
+        f"swap CLIP-G: verdicts changed {result['swap_clip_g']['verdict_changed']:.3f}, "
+        f"pixel RMS {result['swap_clip_g']['pixel_rms']:.4f}",
+        f"perturbation ({p['variants_per_prompt']} per prompt, {p['max_norm_mode']} bound {p['max_norm']}): "
+        f"cos to anchor {p['cos_to_anchor_mean']:.3f}, pixel RMS at a shared noise "
+        f"{p['pixel_rms_to_anchor_same_noise']:.4f} vs {p['pixel_rms_between_noises']:.4f} between noises, "
+        f"ties across K {p['ties_across_k']:.3f}",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reexec_with_passive_openmp("shapes.sensitivity", argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
+    parser.add_argument("--prompts", type=int, default=48, help="held-out prompts to measure on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    result = measure(args.model, args.prompts, args.seed)
+    print(table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
