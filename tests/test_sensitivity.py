@@ -46,7 +46,7 @@ def test_swap_replaces_exactly_one_encoders_features() -> None:
 def test_measurement_runs_and_reports_shares_and_distances() -> None:
     result = sensitivity.measure(DEFAULT_MODEL, num_prompts=3, seed=0)
     for which in ("swap_clip_l", "swap_clip_g"):
-        assert 0 <= result[which]["verdict_changed"] <= 1 and result[which]["pixel_rms"] > 0
+        assert 0 <= result[which]["reward_changed"] <= 1 and result[which]["pixel_rms"] > 0
     p = result["perturbation"]
     assert p["variants_per_prompt"] == 3 and 0 <= p["ties_across_k"] <= 1
     assert p["pixel_rms_to_anchor_same_noise"] > 0 and 0 < p["pixel_rms_between_noises"] <= 1
