@@ -627,6 +627,17 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
     assert done.returncode != 0 and "readinesProbe" in done.stdout
 
 
+def test_no_patch_file_holds_more_than_one_document() -> None:
+    """kustomize before 5.7 (kubectl <= 1.33, Argo CD / Flux builds of that era) panics on a patch file with
+    several ``$patch: delete`` documents; one document per file renders the same on every version."""
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for patch in yaml.safe_load(kustomization.read_text()).get("patches", []):
+            if "path" in patch:
+                path = kustomization.parent / patch["path"]
+                documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+                assert len(documents) == 1, f"{path.relative_to(ROOT)} holds {len(documents)} documents"
+
+
 CRDS = SHARED / "k8s-crds"
 
 
