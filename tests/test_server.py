@@ -364,6 +364,35 @@ def test_metrics_count_requests_and_batches_without_tokens_or_prompts(tmp_path) 
     assert token not in text and "secret prompt" not in text
 
 
+def test_a_fresh_server_exports_every_series_at_zero_and_process_metrics() -> None:
+    """Before any request: the HPA's reward_queue_images (docs/deploy.md's adapter rule sums it per pod),
+    the refusal/drop counters alerts read, the batch histograms, and the process collector's series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def main() -> str:
+        async with running_server(MeanPixelScorer(), ServerConfig(port=0, metrics_port=0)) as server:
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(run(main()))
+        for sample in family.samples
+    }
+    model = ("model", "meanpixel")
+    # the adapter rule: sum(reward_queue_images{...}) by (pod) has a series, and it is 0
+    queue = [v for (name, _), v in samples.items() if name == "reward_queue_images"]
+    assert queue and sum(queue) == 0
+    for reason in ("quota", "queue_full", "memory"):
+        assert samples[("reward_refused_requests_total", (model, ("reason", reason)))] == 0
+    for reason in ("cancelled", "deadline"):
+        assert samples[("reward_dropped_images_total", (model, ("reason", reason)))] == 0
+    assert samples[("reward_batch_images_count", (model,))] == 0
+    assert samples[("reward_request_latency_seconds_count", (model,))] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("process_open_fds", ())] > 0 and ("process_cpu_seconds_total", ()) in samples
+
+
 def test_reflection_lists_the_reward_service() -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

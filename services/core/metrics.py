@@ -8,14 +8,32 @@ their queue depths are summed under "anonymous".
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DROP_REASONS = ("cancelled", "deadline")
+REFUSAL_REASONS = ("quota", "queue_full", "memory")
+ANONYMOUS = "anonymous"
 
 
 class ServerMetrics:
-    """Counters and histograms for requests, images, batches, queues and errors."""
+    """Counters and histograms for requests, images, batches, queues and errors, plus the process's own
+    (RSS, CPU seconds, open fds) and the Python platform.
+
+    Every series an autoscaler or alert reads exists from the first scrape, at 0: the model-labelled
+    histograms and counters, each drop and refusal reason, and ``reward_queue_images{client="anonymous"}``
+    — a fresh or idle replica reports an empty queue instead of no metric (an HPA on a missing series
+    fails with FailedGetPodsMetric).
+    """
 
     def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -65,6 +83,15 @@ class ServerMetrics:
             **labels,
         )
         self._anonymous_depths: dict[str, int] = {}
+        for metric in (self.latency, self.batch_images, self.batch_jobs, self.batch_seconds):
+            metric.labels(model)
+        for reason in DROP_REASONS:
+            self.dropped_images.labels(model, reason)
+        for reason in REFUSAL_REASONS:
+            self.refused_requests.labels(model, reason)
+        self.queue_images.labels(model, ANONYMOUS).set(0)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     # BatcherObserver
     def batch_done(self, num_images: int, num_jobs: int, seconds: float) -> None:
@@ -80,7 +107,7 @@ class ServerMetrics:
             self._anonymous_depths[client] = num_images
         else:
             self._anonymous_depths.pop(client, None)
-        self.queue_images.labels(self.model, "anonymous").set(sum(self._anonymous_depths.values()))
+        self.queue_images.labels(self.model, ANONYMOUS).set(sum(self._anonymous_depths.values()))
 
     def dropped(self, reason: str, num_images: int) -> None:
         self.dropped_images.labels(self.model, reason).inc(num_images)
