@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from services.geneval.metadata import parse_metadata
 from services.geneval.prompts import images_per_record
-from services.geneval.rules import Detection
+from services.geneval.rules import Detection, GenEvalResult
 from services.geneval.rules import evaluate as geneval_evaluate
 from shapes.detector import Detections, ShapesDetector
 from shapes.model import MANIFEST, ShapesModel, load_shapes_model, read_manifest, to_uint8
@@ -167,22 +167,26 @@ def generate(model: ShapesModel, prompts: Sequence[str], config: EvalConfig) -> 
     return np.concatenate(images)
 
 
-def score_images(
-    images: np.ndarray, records: Sequence[Metadata], config: EvalConfig, *, seconds: float = 0.0
-) -> tuple[EvalResult, list[bool]]:
-    """GenEval-shapes of ``images`` (N, H, W, 3) against their ``records``; also the per-image verdicts."""
+def geneval_results(images: np.ndarray, records: Sequence[Metadata]) -> list[GenEvalResult]:
+    """GenEval-shapes of each image (N, H, W, 3) against its record: the exact detector, then the rules."""
     detections = ShapesDetector().detect_batch(images)
-    results = [
+    return [
         geneval_evaluate(parse_metadata(r, known_classes=CLASSES), to_rule_detections(d))
         for r, d in zip(records, detections, strict=True)
     ]
+
+
+def summarize(
+    results: Sequence[GenEvalResult], records: Sequence[Metadata], config: EvalConfig, *, seconds: float = 0.0
+) -> EvalResult:
+    """Per-tag means of per-image results (GenEval's overall is the mean over tags)."""
     tags = [tag for tag in TAGS if any(r["tag"] == tag for r in records)]
 
     def mean_of(field: str, tag: str) -> float:
         return float(np.mean([getattr(res, field) for res in results if res.tag == tag]))
 
     per_tag = {tag: mean_of("correct", tag) for tag in tags}
-    result = EvalResult(
+    return EvalResult(
         per_tag=per_tag,
         overall=float(np.mean(list(per_tag.values()))),
         strict_per_tag={tag: mean_of("strict", tag) for tag in tags},
@@ -191,7 +195,14 @@ def score_images(
         config=config,
         seconds=seconds,
     )
-    return result, [res.correct for res in results]
+
+
+def score_images(
+    images: np.ndarray, records: Sequence[Metadata], config: EvalConfig, *, seconds: float = 0.0
+) -> tuple[EvalResult, list[bool]]:
+    """GenEval-shapes of ``images`` (N, H, W, 3) against their ``records``; also the per-image verdicts."""
+    results = geneval_results(images, records)
+    return summarize(results, records, config, seconds=seconds), [res.correct for res in results]
 
 
 def evaluate_model(

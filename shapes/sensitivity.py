@@ -30,16 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.geneval.metadata import parse_metadata
-from services.geneval.rules import evaluate as geneval_evaluate
-from shapes.detector import ShapesDetector
-from shapes.evaluate import DEFAULT_MODEL, EvalConfig, heldout_records, score_images, to_rule_detections
+from shapes.evaluate import DEFAULT_MODEL, EvalConfig, geneval_results, heldout_records, summarize
 from shapes.model import read_manifest
 from shapes.pretrain import reexec_with_passive_openmp
-from shapes.vocab import CLASSES
 from trainer.config import build_config
 from trainer.model import FlowModel, load_model
-from trainer.perturb import content_mask, optimize_perturbations
+from trainer.perturb import perturb_prompts, sample_initial_deltas
 from trainer.rollout import sample, sample_sigmas
 from trainer.text import Conditioning
 
@@ -96,18 +92,13 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
 
     def rewards(images: np.ndarray) -> np.ndarray:
         """The training reward (GenEval's partial credit, what the shapes preset's service returns)."""
-        found = ShapesDetector().detect_batch(images)
-        return np.array(
-            [
-                geneval_evaluate(parse_metadata(r, known_classes=CLASSES), to_rule_detections(d)).score
-                for r, d in zip(records, found, strict=True)
-            ]
-        )
+        return np.array([result.score for result in geneval_results(images, records)])
 
     with torch.no_grad():
         c_orig, c_donor = model.text.encode(prompts), model.text.encode(donors)
     anchor = run(c_orig, noises[0])
-    anchor_reward = rewards(anchor)
+    anchor_results = geneval_results(anchor, records)
+    anchor_reward = np.array([result.score for result in anchor_results])
     out: dict[str, Any] = {"model": str(model_dir), "prompts": len(prompts), "seed": seed}
     for which in ("l", "g"):
         swapped = run(swap_encoder(c_orig, c_donor, model, which), noises[0])
@@ -116,25 +107,16 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
             "pixel_rms": float(rms(swapped, anchor).mean()),
         }
 
-    text = model.text
-    ids = text.clip_l_ids(prompts)
-    tok = text.tokenizer
-    mask = content_mask(ids, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    with torch.no_grad():
-        token_embeds = text.clip_l_token_embeddings(ids)
-
-    def embed_fn(batch: torch.Tensor) -> torch.Tensor:
-        return text.clip_l_pooled(ids.repeat_interleave(batch.shape[0] // len(prompts), dim=0), batch)
-
     variants = rollout.num_conditions - 1
-    result = optimize_perturbations(
-        embed_fn, token_embeds, mask, variants, cfg.perturb, torch.Generator().manual_seed(seed + 1)
-    )
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def draw_init(mask: torch.Tensor, dim: int) -> torch.Tensor:
+        return sample_initial_deltas(mask, variants, dim, cfg.perturb.init_std, generator)
+
+    result, c_opts = perturb_prompts(model.text, prompts, variants, cfg.perturb, draw_init)
     perturbed_rms, tie_rows = [], [anchor_reward]
     for v in range(variants):
-        with torch.no_grad():
-            c_opt = text.encode(prompts, clip_l_token_embeds=result.perturbed_embeds[:, v])
-        images = run(c_orig, noises[0], c_opt)
+        images = run(c_orig, noises[0], c_opts[torch.arange(len(prompts)) * variants + v])
         perturbed_rms.append(rms(images, anchor))
         tie_rows.append(rewards(images))
     between_noises = rms(run(c_orig, noises[1]), anchor)
@@ -148,7 +130,7 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
         "ties_across_k": float(np.mean(np.all(np.stack(tie_rows) == tie_rows[0], axis=0))),
     }
     out["anchor_reward_mean"] = float(anchor_reward.mean())
-    out["anchor_correct"] = float(score_images(anchor, records, EvalConfig())[0].overall)
+    out["anchor_correct"] = summarize(anchor_results, records, EvalConfig()).overall
     return out
 
 

@@ -42,7 +42,7 @@ from trainer.nft import (
     old_policy_decay,
     optimality_probability,
 )
-from trainer.perturb import PerturbResult, content_mask, optimize_perturbations, sample_initial_deltas
+from trainer.perturb import PerturbResult, perturb_prompts, sample_initial_deltas
 from trainer.prompts import PromptStream, Record, load_records, reward_metadata
 from trainer.rewards import RewardSet
 from trainer.rollout import (
@@ -277,32 +277,17 @@ class Trainer:
         num_m = num_variants(self.config.rollout)
         if num_m == 0:
             return None, None
-        text = self.model.text
-        ids = text.clip_l_ids(prompts)
-        with torch.no_grad():
-            token_embeds = text.clip_l_token_embeddings(ids)
-        tok = text.tokenizer
-        mask = content_mask(ids, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-        device_ids = ids.to(text.device)
+        init_std = self.config.perturb.init_std
 
-        def embed_fn(batch: torch.Tensor) -> torch.Tensor:
-            rows = device_ids.repeat_interleave(batch.shape[0] // len(prompts), dim=0)
-            return text.clip_l_pooled(rows, batch)
-
-        mask = mask.to(text.device)
-        init = [
-            sample_initial_deltas(
-                mask[i : i + 1], num_m, token_embeds.shape[-1], self.config.perturb.init_std,
-                self.draws("perturb", position),
+        def draw_init(mask: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat(
+                [
+                    sample_initial_deltas(mask[i : i + 1], num_m, dim, init_std, self.draws("perturb", pos))
+                    for i, pos in enumerate(positions)
+                ]
             )
-            for i, position in enumerate(positions)
-        ]  # fmt: skip
-        result = optimize_perturbations(
-            embed_fn, token_embeds, mask, num_m, self.config.perturb, None, init_deltas=torch.cat(init)
-        )
-        flat = result.perturbed_embeds.reshape(-1, *result.perturbed_embeds.shape[2:])
-        c_opt = text.encode([p for p in prompts for _ in range(num_m)], clip_l_token_embeds=flat)
-        return result, c_opt
+
+        return perturb_prompts(self.model.text, prompts, num_m, self.config.perturb, draw_init)
 
     async def rollout(
         self, records: list[Record], c_orig: Conditioning, c_opt: Conditioning | None, positions: list[int]

@@ -19,13 +19,16 @@ the caller replaces the output of ``text_model.embeddings.token_embedding`` with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.text import Conditioning, SD3TextEncoder
 
 EmbedFn = Callable[[Tensor], Tensor]
 """``embed_fn(token_embeds: (B, S, d)) -> pooled: (B, d_pool)``: the frozen text encoder run on the given
@@ -394,3 +397,37 @@ def _empty_result(embeds: Tensor, delta: Tensor, mask: Tensor, config: PerturbCo
         loss_history=embeds.new_zeros(0, dtype=torch.float32),
         lambda_div=config.lambda_div,
     )
+
+
+def perturb_prompts(
+    text: SD3TextEncoder,
+    prompts: Sequence[str],
+    num_variants: int,
+    config: PerturbConfig,
+    draw_init: Callable[[Tensor, int], Tensor],
+) -> tuple[PerturbResult, Conditioning]:
+    """Optimise ``num_variants`` CLIP-L perturbations of each prompt and encode them: (result, C_opt), C_opt
+    flattened prompt-major (variant v of prompt p is row p·M + v).
+
+    ``draw_init(mask, dim)`` returns the initial δ (P, M, S, d) for the content mask (P, S): the caller
+    decides how the draws are keyed (per prompt in the trainer, one generator in ``shapes.sensitivity``).
+    """
+    ids = text.clip_l_ids(prompts)
+    with torch.no_grad():
+        token_embeds = text.clip_l_token_embeddings(ids)
+    tok = text.tokenizer
+    mask = content_mask(ids, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    mask = mask.to(text.device)
+    device_ids = ids.to(text.device)
+
+    def embed_fn(batch: Tensor) -> Tensor:
+        rows = device_ids.repeat_interleave(batch.shape[0] // len(prompts), dim=0)
+        return text.clip_l_pooled(rows, batch)
+
+    init = draw_init(mask, token_embeds.shape[-1])
+    result = optimize_perturbations(
+        embed_fn, token_embeds, mask, num_variants, config, None, init_deltas=init
+    )
+    flat = result.perturbed_embeds.reshape(-1, *result.perturbed_embeds.shape[2:])
+    c_opt = text.encode([p for p in prompts for _ in range(num_variants)], clip_l_token_embeds=flat)
+    return result, c_opt
