@@ -26,6 +26,7 @@ from services.core.codec import ImageLimits
 from services.core.quota import QuotaConfig
 from services.core.request import RequestLimits
 from services.core.server import RewardServer, ServerConfig, TLSConfig
+from services.core.servicer import IntakeLimits
 from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
 
 
@@ -124,6 +125,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d_srv.quota.burst_s,
         help="seconds of quota a client may use at once after idling",
     )
+    d_in = IntakeLimits()
+    p.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=d_in.stream_idle_timeout_s,
+        help="close a ScoreStream that sends no part for this long",
+    )
+    p.add_argument("--max-streams-per-client", type=int, default=d_in.max_streams_per_client)
+    p.add_argument(
+        "--max-buffered-request-bytes",
+        type=int,
+        default=d_in.max_buffered_request_bytes,
+        help="request bodies held at once over all calls (with --max-decoded-pixels, the memory bound)",
+    )
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=d_srv.max_concurrent_rpcs,
+        help="RPCs in progress at once over all clients; more are refused",
+    )
     p.add_argument("--drain-delay-s", type=float, default=0.0)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--max-connection-age-s", type=float)
@@ -174,6 +195,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             image=ImageLimits(max_pixels=args.max_pixels),
         ),
         max_decoded_pixels=args.max_decoded_pixels,
+        intake=IntakeLimits(
+            stream_idle_timeout_s=args.stream_idle_timeout_s,
+            max_streams_per_client=args.max_streams_per_client,
+            max_buffered_request_bytes=args.max_buffered_request_bytes,
+        ),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         quota=QuotaConfig(images_per_s=args.quota_images_per_s, burst_s=args.quota_burst_s),
         token_file=args.token_file,
         tls=tls,

@@ -96,7 +96,7 @@ def test_streamed_requests_over_the_limits_are_refused_and_the_server_keeps_serv
         "more parts than samples allowed": ([b""] * 9, "more than 8 parts"),
         "too many images over the parts": (
             [request_bytes(sample(v) for v in range(i, i + 3)) for i in (0, 3, 6)],
-            "limit is 8",
+            "more than 8 samples",
         ),
         "too many bytes over the parts": ([request_bytes([s]) for s in big], "more than 2000 bytes"),
         "a malformed part": ([request_bytes([sample(5)]), b"\x0a\xff\xff\xff"], "not a valid message"),

@@ -119,7 +119,7 @@ def test_each_bad_input_is_invalid_argument_and_the_server_keeps_serving() -> No
         "metadata not an object": ([sample(metadata_json="[1, 2]")], "must be a JSON object"),
         "metadata rejected by scorer": ([sample(metadata_json='{"reject": 1}')], "'reject' is not allowed"),
         "empty batch": ([], "no samples"),
-        "too many images": ([sample() for _ in range(9)], "limit is 8"),
+        "too many images": ([sample() for _ in range(9)], "more than 8 samples"),
         "missing image": ([reward_pb2.Sample(prompt="x")], "no image"),
     }
 

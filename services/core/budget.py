@@ -25,12 +25,14 @@ class BudgetExhausted(Exception):
 
 
 class PixelBudget:
-    """Counts decoded pixels held by requests in flight, up to ``capacity``."""
+    """Counts decoded pixels held by requests in flight, up to ``capacity``; with ``unit`` set, anything
+    else requests hold (the server also counts the request bodies it buffers, in bytes)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, unit: str = "decoded pixels") -> None:
         if capacity < 1:
-            raise ValueError(f"pixel budget must be >= 1, got {capacity}")
+            raise ValueError(f"{unit} budget must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.unit = unit
         self._used = 0
         self._lock = threading.Lock()
 
@@ -39,8 +41,7 @@ class PixelBudget:
         with self._lock:
             if self._used + pixels > self.capacity:
                 raise BudgetExhausted(
-                    f"server memory budget full: {self._used} decoded pixels held + {pixels} "
-                    f"> {self.capacity}"
+                    f"server memory budget full: {self._used} {self.unit} held + {pixels} > {self.capacity}"
                 )
             self._used += pixels
 

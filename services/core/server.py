@@ -29,7 +29,7 @@ from services.core.quota import QuotaConfig, QuotaLimiter
 from services.core.request import RequestLimits
 from services.core.runner import run_jobs
 from services.core.scorer import Scorer
-from services.core.servicer import RewardServicer, add_to_server
+from services.core.servicer import IntakeLimits, RewardServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class ServerConfig:
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     """Decoded pixels held at once over all requests (decoding, queued, in the model): the server's
     memory bound for images, ≈3 bytes each (3.2 GB by default). Past it, RESOURCE_EXHAUSTED."""
+    intake: IntakeLimits = field(default_factory=IntakeLimits)
+    """Stream idle timeout, streams per client and buffered request bytes (slow or hostile callers)."""
+    max_concurrent_rpcs: int | None = 4096
+    """RPCs in progress at once over all clients (gRPC answers RESOURCE_EXHAUSTED past it); None: no cap."""
     quota: QuotaConfig = field(default_factory=QuotaConfig)
     """Per-client rate limit in images/s (the token file may set one per team)."""
     token_file: Path | None = None
@@ -83,6 +87,14 @@ class ServerConfig:
                 f"max_decoded_pixels ({self.max_decoded_pixels}) must be >= max_pixels_per_request "
                 f"({self.limits.max_pixels_per_request}), or the largest request could never be scored"
             )
+        if self.intake.max_buffered_request_bytes < self.limits.max_request_bytes:
+            raise ValueError(
+                f"max_buffered_request_bytes ({self.intake.max_buffered_request_bytes}) must be >= "
+                f"max_request_bytes ({self.limits.max_request_bytes}), or the largest request could never "
+                "be read"
+            )
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}")
 
 
 class RewardServer:
@@ -101,6 +113,7 @@ class RewardServer:
             model_name=model_name,
             pixel_budget=PixelBudget(config.max_decoded_pixels),
             quota=QuotaLimiter(config.quota),
+            intake=config.intake,
         )
         self.health = health_aio.HealthServicer()
         self.batcher: FairBatcher | None = None
@@ -123,7 +136,7 @@ class RewardServer:
                 ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(cfg.drain_grace_s * 1000)),
             ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

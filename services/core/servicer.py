@@ -35,7 +35,7 @@ from services.core.request import (
 )
 from services.core.runner import JobResult
 from services.core.scorer import ScoreBatch, Scorer
-from services.core.wire import WireRequest, WireSample, parse_request
+from services.core.wire import ReadBounds, RequestTooLarge, WireRequest, WireSample, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,36 @@ CLIENT_KEY = "x-e2po-client"
 
 Channels to the same target share one HTTP/2 connection inside a gRPC process, so the peer address
 cannot tell two trainers in one process apart; with auth on, the token's name is used instead."""
+
+
+INLINE_PARSE_BYTES = 8 * 1024
+"""Bodies up to this size are read on the event loop; larger ones in a worker thread, so that reading
+one (at most ``ReadBounds.max_fields`` steps, ~30 µs per KB of fields) never holds up other callers."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntakeLimits:
+    """What a caller may hold open on the server before its request is even read: the bounds a slow,
+    stalled or hostile client meets, so that it cannot tie up memory or slots that other teams need."""
+
+    stream_idle_timeout_s: float = 30.0
+    """A ScoreStream that sends no part for this long is closed (DEADLINE_EXCEEDED)."""
+    max_streams_per_client: int = 64
+    """ScoreStream calls one client (token name; without auth, declared name or peer) may have open at
+    once; more are refused with RESOURCE_EXHAUSTED. 8 trainer ranks × 4 concurrent requests need 32."""
+    max_buffered_request_bytes: int = 2 * 1024**3
+    """Request bodies held at once over all calls (whole Score bodies and the parts streams have sent
+    so far), in bytes; past it, RESOURCE_EXHAUSTED. With ``max_decoded_pixels`` the server's memory bound."""
+
+    def __post_init__(self) -> None:
+        if not self.stream_idle_timeout_s > 0:
+            raise ValueError(f"stream_idle_timeout_s must be > 0, got {self.stream_idle_timeout_s}")
+        if self.max_streams_per_client < 1:
+            raise ValueError(f"max_streams_per_client must be >= 1, got {self.max_streams_per_client}")
+        if self.max_buffered_request_bytes < 1:
+            raise ValueError(
+                f"max_buffered_request_bytes must be >= 1, got {self.max_buffered_request_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -78,8 +108,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         model_name: str,
         pixel_budget: PixelBudget | None = None,
         quota: QuotaLimiter | None = None,
+        intake: IntakeLimits | None = None,
     ) -> None:
         self.limits = limits
+        self.intake = intake or IntakeLimits()
+        self.body_budget = PixelBudget(self.intake.max_buffered_request_bytes, unit="request bytes")
+        self._open_streams: dict[str, int] = {}
         self.metrics = metrics
         self.auth = auth
         self.model_name = model_name
@@ -108,37 +142,51 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         info.accepts_score_stream = True  # said here, not in every answer's ModelInfo (TorchServe shares it)
         return info
 
-    async def Score(self, request: WireRequest | MalformedRequest, context: grpc.aio.ServicerContext):
-        async def read() -> WireRequest:
-            _check_parsed(request)
-            return request
+    async def Score(self, body: bytes, context: grpc.aio.ServicerContext):
+        async def read(held: Reservation) -> WireRequest:
+            held.take(len(body))
+            return await self._parse(body)
 
         return await self._score(read, context)
 
-    async def ScoreStream(
-        self, parts: AsyncIterator[StreamPart | MalformedRequest], context: grpc.aio.ServicerContext
-    ):
-        return await self._score(lambda: self._read_parts(parts), context)
+    async def ScoreStream(self, parts: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        return await self._score(lambda held: self._read_parts(parts, held), context, stream=True)
 
-    async def _score(self, read: Callable[[], Awaitable[WireRequest]], context: grpc.aio.ServicerContext):
-        """Both Score RPCs: authenticate, read the request, check it, queue it, answer."""
+    async def _score(
+        self,
+        read: Callable[[Reservation], Awaitable[WireRequest]],
+        context: grpc.aio.ServicerContext,
+        *,
+        stream: bool = False,
+    ):
+        """Both Score RPCs: authenticate (from metadata alone), read the body within its bounds, check
+        it, queue it, answer. Nothing of the body is read before the caller is known."""
         started = time.perf_counter()
         client_label = "anonymous"
         code = grpc.StatusCode.OK
         num_samples = 0
+        held = Reservation(self.body_budget, self.limits.max_request_bytes)
+        fairness_key: str | None = None
         try:
             principal = self._principal(context)
             client_label = principal.name if principal else "anonymous"
-            request = await read()  # a stream is read only once its caller is known
-            num_samples = len(request.samples)
             # With auth the queue is the team's; without, the caller's declared name or its address.
             fairness_key = client_label if principal else (_declared_client(context) or context.peer())
+            if stream:
+                self._open_stream(fairness_key)
+            request = await read(held)
+            num_samples = len(request.samples)
             scorer, batcher = self._ready()
             self._check_shape(request)
             rate = principal.images_per_s if principal else None
             return await self._admit_and_score(scorer, batcher, fairness_key, rate, request, context)
         except _Abort as abort:
             code = abort.code
+            await context.abort(abort.code, str(abort), trailing_metadata=abort.trailing)
+        except BudgetExhausted as exc:  # the buffered-bytes budget (the pixel one is handled inside)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.metrics.refused("memory")
+            abort = _exhausted(str(exc), 1.0)
             await context.abort(abort.code, str(abort), trailing_metadata=abort.trailing)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -149,34 +197,75 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             log.exception("Score failed unexpectedly")
             await context.abort(code, "internal error while handling the request; the server log has details")
         finally:
+            held.release()
+            if stream and fairness_key is not None:
+                self._close_stream(fairness_key)
             self.metrics.request_done(client_label, code.name, num_samples, time.perf_counter() - started)
 
-    async def _read_parts(self, parts: AsyncIterator[StreamPart | MalformedRequest]) -> WireRequest:
+    def _open_stream(self, client: str) -> None:
+        limit = self.intake.max_streams_per_client
+        if self._open_streams.get(client, 0) >= limit:
+            self.metrics.refused("streams")
+            raise _exhausted(f"client already has {limit} ScoreStream calls open, the limit", 1.0)
+        self._open_streams[client] = self._open_streams.get(client, 0) + 1
+
+    def _close_stream(self, client: str) -> None:
+        left = self._open_streams.get(client, 0) - 1
+        if left > 0:
+            self._open_streams[client] = left
+        else:
+            self._open_streams.pop(client, None)
+
+    async def _parse(self, body: bytes, samples_before: int = 0) -> WireRequest:
+        """One body (a Score request or a stream's part after ``samples_before`` samples), read within
+        :class:`ReadBounds` (samples, fields), off the event loop when large."""
+        bounds = ReadBounds.for_samples(self.limits.max_images_per_request, samples_before)
+        try:
+            if len(body) <= INLINE_PARSE_BYTES:
+                return parse_request(body, bounds)
+            return await asyncio.to_thread(parse_request, body, bounds)
+        except DecodeError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {exc}") from None
+        except RequestTooLarge as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    async def _read_parts(self, parts: AsyncIterator[bytes], held: Reservation) -> WireRequest:
         """A streamed request's parts as one request, refused as soon as it outgrows the limits that
         bound a request sent whole (its bytes, its samples), so no more of it is read. Parts are
-        bounded too (as many as samples allowed): a stream of empty parts would otherwise never end."""
+        bounded too (as many as samples allowed): a stream of empty parts would otherwise never end;
+        and a stream that stalls is closed after ``stream_idle_timeout_s``. The parts received so far
+        count against the server's buffered-bytes budget."""
         samples: list[WireSample] = []
         num_bytes = num_parts = 0
         limit = self.limits.max_images_per_request
-        async for part in parts:
-            _check_parsed(part)
-            assert isinstance(part, StreamPart)
+        timeout = self.intake.stream_idle_timeout_s
+        incoming = aiter(parts)
+        while True:
+            try:
+                part = await asyncio.wait_for(anext(incoming), timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise _Abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"stream sent no part for {timeout:g} s (the server's stream idle timeout); closed",
+                ) from None
             num_parts += 1
             if num_parts > limit:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"streamed request has more than {limit} parts, the most samples a request may have",
                 )
-            num_bytes += part.num_bytes
+            num_bytes += len(part)
             if num_bytes > self.limits.max_request_bytes:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"streamed request has more than {self.limits.max_request_bytes} bytes, the limit "
                     "of one request; split it",
                 )
-            samples.extend(part.request.samples)
-            if len(samples) > limit:
-                self._check_shape(WireRequest(samples=tuple(samples)))
+            held.take(len(part))
+            request = await self._parse(part, len(samples))
+            samples.extend(request.samples)
         return WireRequest(samples=tuple(samples))
 
     # -- steps -------------------------------------------------------------------------------------
@@ -324,18 +413,6 @@ def _check_parsed(request: object) -> None:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.error}")
 
 
-@dataclass(frozen=True, slots=True)
-class StreamPart:
-    """One message of a ScoreStream call, and its size on the wire (the limits bound the sum)."""
-
-    request: WireRequest
-    num_bytes: int
-
-
-def _stream_part(data: bytes) -> StreamPart:
-    return StreamPart(request=parse_request(data), num_bytes=len(data))
-
-
 def _lenient(parse_bytes: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -348,18 +425,16 @@ def _lenient(parse_bytes: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     """Register the RewardService like the generated ``add_RewardServiceServicer_to_server``, but with
-    deserializers that turn an unparsable body into a :class:`MalformedRequest` (INVALID_ARGUMENT)."""
+    the Score bodies left as bytes and a Describe deserializer that turns an unparsable body into a
+    :class:`MalformedRequest` (INVALID_ARGUMENT)."""
     handlers = {
+        # No deserializer: the handlers get the body's bytes and read them only once the caller is
+        # authenticated, within bounds (images stay views of those bytes: services.core.wire).
         "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            # Images stay views of the body gRPC hands over (services.core.wire), not copies.
-            request_deserializer=_lenient(parse_request),
-            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+            servicer.Score, response_serializer=reward_pb2.ScoreResponse.SerializeToString
         ),
         "ScoreStream": grpc.stream_unary_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=_lenient(_stream_part),
-            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+            servicer.ScoreStream, response_serializer=reward_pb2.ScoreResponse.SerializeToString
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,

@@ -18,7 +18,7 @@ library instead, whose result or ``DecodeError`` is authoritative; tests compare
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,16 +161,54 @@ class _NotCanonical(Exception):
     """The fast reader met something it leaves to the protobuf library."""
 
 
+class RequestTooLarge(ValueError):
+    """The body holds more than :class:`ReadBounds` allows; reading stopped there."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBounds:
+    """What one body may hold, enforced *while* it is read, so that reading it costs the server a
+    bounded number of steps whatever its size (a 64 MB body of empty samples or unknown fields would
+    otherwise take seconds of event-loop time and gigabytes of objects before any limit is checked).
+
+    Known fields need no count of their own: a sample holds at most 4 and its image 4 (one more of a
+    kind is not canonical and goes to the counted path), so samples bound them. Pixels need no bound
+    here either: raw images are views of the body (no allocation), and the decoder reserves every
+    image's pixels against the request's and the server's budgets before allocating."""
+
+    max_samples: int
+    """More ``samples`` entries than this: refused at the first one over."""
+    max_unknown_fields: int
+    """Fields this server does not know (a newer client's), at every level together."""
+    samples_before: int = 0
+    """Samples of the same request already read (earlier parts of a stream): they count too."""
+
+    @classmethod
+    def for_samples(cls, max_samples: int, samples_before: int = 0) -> ReadBounds:
+        """The sample limit, with room for :data:`UNKNOWN_FIELDS_PER_SAMPLE` unknown fields per sample
+        still allowed and :data:`UNKNOWN_FIELDS_PER_BODY` more."""
+        unknown = UNKNOWN_FIELDS_PER_BODY + UNKNOWN_FIELDS_PER_SAMPLE * (max_samples - samples_before)
+        return cls(max_samples, unknown, samples_before)
+
+
+UNKNOWN_FIELDS_PER_SAMPLE = 2
+UNKNOWN_FIELDS_PER_BODY = 64
 _FIXED_SIZE = {1: 8, 5: 4}  # wire types fixed64 and fixed32
+_GROUP_START, _GROUP_END = 3, 4
 _MAX_FIELD_NUMBER = (1 << 29) - 1
 
 
-def parse_request(data: bytes) -> WireRequest:
-    """Serialized ScoreRequest → :class:`WireRequest`; raises ``google.protobuf.message.DecodeError``."""
+def parse_request(data: bytes, bounds: ReadBounds | None = None) -> WireRequest:
+    """Serialized ScoreRequest → :class:`WireRequest`; raises ``google.protobuf.message.DecodeError``,
+    or :class:`RequestTooLarge` as soon as the body is seen to exceed ``bounds`` (None: unbounded)."""
+    buf = memoryview(data)
     try:
-        return _read_request(memoryview(data))
+        request = _read_request(buf, _Steps(bounds))
     except _NotCanonical:
-        return from_message(reward_pb2.ScoreRequest.FromString(data))
+        if bounds is not None:
+            _skim(buf, bounds)  # the library's parse is C, but building its samples is not: count first
+        request = from_message(reward_pb2.ScoreRequest.FromString(data))
+    return request
 
 
 def from_message(request: reward_pb2.ScoreRequest) -> WireRequest:
@@ -192,6 +230,31 @@ def from_message(request: reward_pb2.ScoreRequest) -> WireRequest:
     )
 
 
+class _Steps:
+    """The unknown fields and samples a read may still take (unbounded when ``bounds`` is None)."""
+
+    def __init__(self, bounds: ReadBounds | None) -> None:
+        self.bounds = bounds
+        self.unknown_left = bounds.max_unknown_fields if bounds else -1
+        self.samples_left = bounds.max_samples - bounds.samples_before if bounds else -1
+
+    def unknown(self) -> None:
+        if self.unknown_left == 0:
+            assert self.bounds is not None
+            raise RequestTooLarge(
+                f"request has more than {self.bounds.max_unknown_fields} protobuf fields this server "
+                f"does not know ({UNKNOWN_FIELDS_PER_SAMPLE} per sample and {UNKNOWN_FIELDS_PER_BODY} "
+                "per body allowed)"
+            )
+        self.unknown_left -= 1
+
+    def sample(self) -> None:
+        if self.samples_left == 0:
+            assert self.bounds is not None
+            raise RequestTooLarge(f"request has more than {self.bounds.max_samples} samples; split it")
+        self.samples_left -= 1
+
+
 def _read_varint(buf: memoryview, pos: int, max_bytes: int = 10) -> tuple[int, int]:
     value = shift = 0
     for i in range(pos, min(pos + max_bytes, len(buf))):
@@ -203,24 +266,27 @@ def _read_varint(buf: memoryview, pos: int, max_bytes: int = 10) -> tuple[int, i
     raise _NotCanonical
 
 
-def _fields(buf: memoryview) -> list[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) of one message: varints as ints, lengths as views; the rest
-    (fixed-size unknown fields) skipped."""
-    out: list[tuple[int, int, int | memoryview]] = []
+def _fields(
+    buf: memoryview, steps: _Steps, known: dict[int, int]
+) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) of one message, as read: varints as ints, lengths as views; the
+    rest (fixed-size unknown fields) skipped. Fields not in ``known`` count against the bounds."""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _read_varint(buf, pos, max_bytes=5)
         number, wire_type = key >> 3, key & 7
         if not 1 <= number <= _MAX_FIELD_NUMBER:
             raise _NotCanonical
+        if number not in known:
+            steps.unknown()
         if wire_type == _VARINT:
             value, pos = _read_varint(buf, pos)
-            out.append((number, wire_type, value))
+            yield number, wire_type, value
         elif wire_type == _LEN:
             length, pos = _read_varint(buf, pos)
             if pos + length > end:
                 raise _NotCanonical
-            out.append((number, wire_type, buf[pos : pos + length]))
+            yield number, wire_type, buf[pos : pos + length]
             pos += length
         elif wire_type in _FIXED_SIZE:
             pos += _FIXED_SIZE[wire_type]
@@ -228,10 +294,40 @@ def _fields(buf: memoryview) -> list[tuple[int, int, int | memoryview]]:
                 raise _NotCanonical
         else:  # groups (3, 4) and the invalid wire types 6, 7
             raise _NotCanonical
-    return out
 
 
-def _singular(fields: list[tuple[int, int, int | memoryview]], expected: dict[int, int]) -> dict:
+def _skim(buf: memoryview, bounds: ReadBounds) -> None:
+    """Count a body's samples and other top-level fields (group contents included) against ``bounds`` without
+    building anything, before the protobuf library parses it. Malformed bytes end the count: the
+    library's parse then raises its DecodeError."""
+    steps = _Steps(bounds)
+    pos, end, depth = 0, len(buf), 0
+    try:
+        while pos < end:
+            key, pos = _read_varint(buf, pos, max_bytes=5)
+            number, wire_type = key >> 3, key & 7
+            if number == 1 and wire_type == _LEN and depth == 0:
+                steps.sample()
+            else:
+                steps.unknown()
+            if wire_type == _VARINT:
+                _, pos = _read_varint(buf, pos)
+            elif wire_type == _LEN:
+                length, pos = _read_varint(buf, pos)
+                pos += length
+            elif wire_type in _FIXED_SIZE:
+                pos += _FIXED_SIZE[wire_type]
+            elif wire_type == _GROUP_START:
+                depth += 1
+            elif wire_type == _GROUP_END and depth > 0:
+                depth -= 1
+            else:
+                return
+    except _NotCanonical:
+        return
+
+
+def _singular(fields: Iterable[tuple[int, int, int | memoryview]], expected: dict[int, int]) -> dict:
     """Known fields by number, each at most once and of its declared wire type; unknown ones dropped."""
     out: dict[int, int | memoryview] = {}
     for number, wire_type, value in fields:
@@ -252,8 +348,13 @@ def _text(value: memoryview | None) -> str:
         raise _NotCanonical from None
 
 
-def _read_image(buf: memoryview) -> WireImage:
-    fields = _singular(_fields(buf), {1: _VARINT, 2: _VARINT, 3: _VARINT, 4: _LEN})
+_IMAGE_FIELDS = {1: _VARINT, 2: _VARINT, 3: _VARINT, 4: _LEN}
+_SAMPLE_FIELDS = {1: _LEN, 2: _LEN, 3: _LEN, 4: _LEN}
+_REQUEST_FIELDS = {1: _LEN}
+
+
+def _read_image(buf: memoryview, steps: _Steps) -> WireImage:
+    fields = _singular(_fields(buf, steps, _IMAGE_FIELDS), _IMAGE_FIELDS)
     encoding, height, width = fields.get(1, 0), fields.get(2, 0), fields.get(3, 0)
     # int32 enum and uint32 sizes: protobuf truncates wider varints; leave those to it.
     if encoding >= 1 << 31 or height >= 1 << 32 or width >= 1 << 32:
@@ -261,22 +362,23 @@ def _read_image(buf: memoryview) -> WireImage:
     return WireImage(encoding=encoding, height=height, width=width, data=fields.get(4, b""))
 
 
-def _read_sample(buf: memoryview) -> WireSample:
-    fields = _singular(_fields(buf), {1: _LEN, 2: _LEN, 3: _LEN, 4: _LEN})
+def _read_sample(buf: memoryview, steps: _Steps) -> WireSample:
+    fields = _singular(_fields(buf, steps, _SAMPLE_FIELDS), _SAMPLE_FIELDS)
     return WireSample(
-        image=_read_image(fields[1]) if 1 in fields else None,
+        image=_read_image(fields[1], steps) if 1 in fields else None,
         prompt=_text(fields.get(2)),
         metadata_json=_text(fields.get(3)),
         group_id=_text(fields.get(4)),
     )
 
 
-def _read_request(buf: memoryview) -> WireRequest:
+def _read_request(buf: memoryview, steps: _Steps) -> WireRequest:
     samples = []
-    for number, wire_type, value in _fields(buf):
+    for number, wire_type, value in _fields(buf, steps, _REQUEST_FIELDS):
         if number != 1:
             continue
         if wire_type != _LEN:
             raise _NotCanonical
-        samples.append(_read_sample(value))
+        steps.sample()
+        samples.append(_read_sample(value, steps))
     return WireRequest(samples=tuple(samples))

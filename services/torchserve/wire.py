@@ -49,8 +49,10 @@ def parse_request(data: bytes | bytearray, limits: RequestLimits) -> WireRequest
     if len(data) > limits.max_request_bytes:
         raise RequestError(f"request has {len(data)} bytes, limit is {limits.max_request_bytes}")
     try:
-        request = wire.parse_request(bytes(data))
+        request = wire.parse_request(bytes(data), wire.ReadBounds.for_samples(limits.max_images_per_request))
     except DecodeError as exc:
         raise RequestError(f"request is not a valid message: {exc}") from None
+    except wire.RequestTooLarge as exc:
+        raise RequestError(str(exc)) from None
     check_sample_count(request, limits)
     return request
