@@ -163,6 +163,11 @@ def test_metadata_errors_are_invalid_argument_naming_the_field(shapes_scorer: Ge
             "include[0].position",
         ),
         ({"tag": "counting", "include": []}, "include must be a non-empty list"),
+        # 60 KB values (under the metadata limit) are quoted in part: the details stay under gRPC's
+        # trailer limit, so the caller gets INVALID_ARGUMENT, not RESOURCE_EXHAUSTED.
+        ({"tag": "x" * 60_000, "include": [{"class": "circle", "count": 1}]}, "(59902 more chars)"),
+        ({"tag": "counting", "include": "y" * 60_000}, "include must be a non-empty list"),
+        ({"tag": "counting", "include": [], "z" * 60_000: 1}, "unknown key(s) ['zzz"),
         ('{"tag": "single_object", "include": [', "not valid JSON"),
         (None, "requires metadata_json"),
     ]
@@ -175,6 +180,7 @@ def test_metadata_errors_are_invalid_argument_naming_the_field(shapes_scorer: Ge
                         await client.score([good_image], "p", metadata=[metadata])
                     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, (metadata, err.value)
                     assert field in err.value.message, (field, err.value.message)
+                    assert len(err.value.message) < 600, err.value.message[:600]
                     # The server keeps serving after every rejection.
                     scores = await client.score([good_image], "p", metadata=[good_record])
                     assert scores.values["geneval/strict"].tolist() == [1.0]

@@ -25,6 +25,7 @@ from services.core.codec import Reserve
 from services.core.metrics import ServerMetrics
 from services.core.packing import pack_groups
 from services.core.quota import QuotaExceeded, QuotaLimiter
+from services.core.quote import clip
 from services.core.request import (
     RequestError,
     RequestLimits,
@@ -91,7 +92,7 @@ class _Abort(Exception):
     def __init__(
         self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()
     ) -> None:
-        super().__init__(message)
+        super().__init__(clip(message))
         self.code = code
         self.trailing = trailing
 

@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from services.core.quote import quote
+
 Tag = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 Relation = Literal["left of", "right of", "above", "below"]
 Color = Literal["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
@@ -70,15 +72,15 @@ def parse_metadata(
     unknown = sorted(set(record) - _TOP_LEVEL_KEYS)
     if unknown:
         raise ValueError(
-            f"metadata keys must be among {sorted(_TOP_LEVEL_KEYS)}, got unknown key(s) {unknown}."
+            f"metadata keys must be among {sorted(_TOP_LEVEL_KEYS)}, got unknown key(s) {quote(unknown)}."
         )
     tag = _parse_tag(record)
     include = record.get("include")
     if not isinstance(include, list) or not include:
-        raise ValueError(f"include must be a non-empty list of clauses, got {include!r}.")
+        raise ValueError(f"include must be a non-empty list of clauses, got {quote(include)}.")
     exclude = record.get("exclude", [])
     if not isinstance(exclude, list):
-        raise ValueError(f"exclude must be a list of clauses, got {exclude!r}.")
+        raise ValueError(f"exclude must be a list of clauses, got {quote(exclude)}.")
     prompt = record.get("prompt", "")
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}.")
@@ -126,7 +128,7 @@ def _parse_tag(record: Mapping[str, Any]) -> str:
         raise ValueError(f"tag is required and must be one of {list(TAGS)}, got no tag.")
     tag = record["tag"]
     if tag not in TAGS:
-        raise ValueError(f"tag must be one of {list(TAGS)}, got {tag!r}.")
+        raise ValueError(f"tag must be one of {list(TAGS)}, got {quote(tag)}.")
     return tag
 
 
@@ -143,22 +145,24 @@ def _parse_clause(
         raise ValueError(f"{where} must be an object, got {type(raw).__name__}.")
     unknown = sorted(set(raw) - allowed_keys)
     if unknown:
-        raise ValueError(f"{where} keys must be among {sorted(allowed_keys)}, got unknown key(s) {unknown}.")
+        raise ValueError(
+            f"{where} keys must be among {sorted(allowed_keys)}, got unknown key(s) {quote(unknown)}."
+        )
 
     cls = raw.get("class")
     if not isinstance(cls, str) or not cls:
-        raise ValueError(f"{where}.class must be a non-empty string, got {cls!r}.")
+        raise ValueError(f"{where}.class must be a non-empty string, got {quote(cls)}.")
     if known_classes is not None and cls not in known_classes:
-        raise ValueError(f"{where}.class must be one of the detector's known classes, got {cls!r}.")
+        raise ValueError(f"{where}.class must be one of the detector's known classes, got {quote(cls)}.")
 
     count = raw.get("count")
     # bool is an int subclass; ``true`` is never a meaningful count.
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"{where}.count must be an integer >= 1, got {count!r}.")
+        raise ValueError(f"{where}.count must be an integer >= 1, got {quote(count)}.")
 
     color = raw.get("color")
     if color is not None and color not in COLORS:
-        raise ValueError(f"{where}.color must be one of {list(COLORS)}, got {color!r}.")
+        raise ValueError(f"{where}.color must be one of {list(COLORS)}, got {quote(color)}.")
 
     position = (
         _parse_position(raw["position"], where, index=index, num_include=num_include)
@@ -170,12 +174,12 @@ def _parse_clause(
 
 def _parse_position(raw: Any, where: str, *, index: int, num_include: int) -> tuple[str, int]:
     if not isinstance(raw, list | tuple) or len(raw) != 2:
-        raise ValueError(f"{where}.position must be a [relation, index] pair, got {raw!r}.")
+        raise ValueError(f"{where}.position must be a [relation, index] pair, got {quote(raw)}.")
     relation, target = raw
     if relation not in RELATIONS:
-        raise ValueError(f"{where}.position[0] must be one of {list(RELATIONS)}, got {relation!r}.")
+        raise ValueError(f"{where}.position[0] must be one of {list(RELATIONS)}, got {quote(relation)}.")
     if not isinstance(target, int) or isinstance(target, bool):
-        raise ValueError(f"{where}.position[1] must be an integer clause index, got {target!r}.")
+        raise ValueError(f"{where}.position[1] must be an integer clause index, got {quote(target)}.")
     if not 0 <= target < num_include:
         raise ValueError(
             f"{where}.position[1] must be an include clause index in 0..{num_include - 1}, got {target}."
@@ -183,7 +187,7 @@ def _parse_position(raw: Any, where: str, *, index: int, num_include: int) -> tu
     # The rules resolve targets while walking the clauses in order, so only earlier groups exist yet.
     if index == 0:
         raise ValueError(
-            f"{where}.position must be absent because no include clause precedes it, got {raw!r}."
+            f"{where}.position must be absent because no include clause precedes it, got {quote(raw)}."
         )
     if target >= index:
         raise ValueError(
