@@ -111,3 +111,105 @@ def test_float_images_are_quantised_like_the_reward_models() -> None:
     assert got.shape == (1, 7, 3)
     assert got[0, :, 0].tolist() == [0, 128, 255, 255, 0, 0, 1]
     assert np.array_equal(as_hwc_uint8(np.full((2, 2, 3), 0.25)), np.full((2, 2, 3), 64, np.uint8))
+
+
+# -- every mode a PNG or JPEG can decode to ------------------------------------------------------------
+
+
+def png16(samples: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow writes 16-bit grey only): (H, W, C) uint16 samples, C = 1
+    (colour type 0, grey), 2 (4, grey+alpha), 3 (2, RGB) or 4 (6, RGBA)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    height, width, _ = samples.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return decode_image(encode_file_bytes(data), LIMITS)
+
+
+def _saved(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_every_png_mode_decodes_to_its_exact_rgb() -> None:
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    grey = rgba[..., 0]
+    cases = {
+        "RGB": (Image.fromarray(rgba[..., :3]), rgba[..., :3]),
+        "RGBA (alpha dropped)": (Image.fromarray(rgba, "RGBA"), rgba[..., :3]),
+        "L": (Image.fromarray(grey), np.repeat(grey[..., None], 3, 2)),
+        "LA (alpha dropped)": (Image.fromarray(rgba[..., :2], "LA"), np.repeat(rgba[..., :1], 3, 2)),
+        "1": (Image.fromarray(grey > 127), np.repeat(np.where(grey > 127, 255, 0)[..., None], 3, 2)),
+    }
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    indices = rng.integers(0, 16, (5, 6), dtype=np.uint8)
+    paletted = Image.fromarray(indices, "P")
+    paletted.putpalette(palette.tobytes())
+    cases["P"] = (paletted, palette[indices])
+    transparent = paletted.copy()
+    transparent.info["transparency"] = 3
+    cases["P with transparency (alpha dropped)"] = (transparent, palette[indices])
+    for name, (image, expected) in cases.items():
+        data = _saved(image, "PNG")
+        assert Image.open(io.BytesIO(data)).mode == name.split()[0], name
+        np.testing.assert_array_equal(_decoded(data), expected, err_msg=name)
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped() -> None:
+    rng = np.random.default_rng(8)
+    samples = rng.integers(0, 65536, (4, 5, 4), dtype=np.uint16)
+    samples[0, :3, 0] = [0, 300, 65535]  # near black must stay near black (convert("RGB") made it 255)
+    grey_image = _decoded(_saved(Image.fromarray(samples[..., 0]), "PNG"))  # Pillow writes 16-bit grey
+    expected_grey = np.round(samples[..., 0] / 257).astype(np.uint8)  # v·255/65535
+    np.testing.assert_array_equal(grey_image, np.repeat(expected_grey[..., None], 3, 2))
+    assert grey_image[0, :3, 0].tolist() == [0, 1, 255]
+    np.testing.assert_array_equal(_decoded(png16(samples[..., :1], 0)), grey_image)
+    # Grey+alpha, RGB and RGBA reach the codec as 8-bit: Pillow keeps each sample's high byte.
+    high = (samples >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(_decoded(png16(samples[..., :2], 4)), np.repeat(high[..., :1], 3, 2))
+    np.testing.assert_array_equal(_decoded(png16(samples[..., :3], 2)), high[..., :3])
+    np.testing.assert_array_equal(_decoded(png16(samples, 6)), high[..., :3])
+
+
+def test_jpeg_modes_are_converted_or_refused_by_name() -> None:
+    grey = np.random.default_rng(9).integers(0, 256, (8, 8), dtype=np.uint8)
+    data = _saved(Image.fromarray(grey), "JPEG")
+    expected = np.asarray(Image.open(io.BytesIO(data)))  # the JPEG's own decoded grey
+    np.testing.assert_array_equal(_decoded(data), np.repeat(expected[..., None], 3, 2))
+    cmyk = _saved(Image.new("CMYK", (4, 4), (10, 20, 30, 40)), "JPEG")
+    with pytest.raises(ImageError, match="mode 'CMYK' has no exact RGB"):
+        _decoded(cmyk)
+
+
+def test_exif_orientation_is_not_applied() -> None:
+    array = np.zeros((4, 8, 3), np.uint8)
+    array[:, :4] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", exif=exif, quality=100)
+    decoded = _decoded(buffer.getvalue())
+    assert decoded.shape == (4, 8, 3)  # as stored, not rotated to 8x4
+    assert decoded[:, :3].min() > 200 and decoded[:, 5:].max() < 50
+
+
+def test_decoder_errors_name_no_object_address() -> None:
+    for data in (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, b"\xff\xd8" + b"\x00" * 50):
+        with pytest.raises(ImageError) as info:
+            _decoded(data)
+        assert " at 0x" not in str(info.value) and "object" not in str(info.value), str(info.value)

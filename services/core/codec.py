@@ -8,6 +8,7 @@ claiming a huge canvas (a decompression bomb) is refused without allocating it.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,14 +103,48 @@ def _decode_compressed(
             if reserve is not None:
                 reserve(height * width)
             pil.load()
-            array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+            array = _to_rgb8(pil, fmt)
     except ImageError:
         raise
     except PILImage.DecompressionBombError as exc:
         raise ImageError(f"{fmt} image refused as a decompression bomb: {exc}") from None
+    except PILImage.UnidentifiedImageError:
+        raise ImageError(f"cannot decode {fmt} image: the data is not a {fmt} file") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode {fmt} image: {exc}") from None
+        raise ImageError(f"cannot decode {fmt} image: {_without_addresses(str(exc))}") from None
     return array
+
+
+_CONVERTED_EXACTLY = frozenset({"RGB", "RGBA", "L", "LA", "1", "P", "PA"})
+"""Modes whose RGB is exact: grey replicated, 1-bit as 0/255, palette looked up; alpha is dropped (the
+stored colour is scored), as the reward models' reference loaders (``Image.convert("RGB")``) do."""
+_SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def _to_rgb8(pil: PILImage.Image, fmt: str) -> np.ndarray:
+    """A loaded image as (H, W, 3) uint8, exactly, or ImageError naming a mode with no exact RGB.
+
+    16-bit grey is scaled, v·255/65535 rounded (``convert("RGB")`` would clip it: a near-black 16-bit
+    image scored as white). 16-bit RGB(A) PNGs reach here as 8-bit already: Pillow keeps each sample's
+    high byte (⌊v/256⌋, at most 1 below the rounded scaling). EXIF orientation is not applied, as in
+    the reference loaders: the pixels are scored as stored.
+    """
+    if pil.mode in _CONVERTED_EXACTLY:
+        return np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    if pil.mode in _SIXTEEN_BIT_GREY:
+        grey = np.asarray(pil, dtype=np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ImageError(f"{fmt} image of mode {pil.mode!r} holds values outside 16 bits")
+        scaled = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round half up, in integers
+        return np.repeat(scaled[..., None], 3, axis=2)
+    raise ImageError(
+        f"{fmt} image of mode {pil.mode!r} has no exact RGB (CMYK needs its ICC profile); send RGB"
+    )
+
+
+def _without_addresses(message: str) -> str:
+    """A decoder's message without object reprs like ``<_io.BytesIO object at 0x7f…>``."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", message)
 
 
 # Raw images are views of the request body, which is read-only to Python; torch warns once per process
