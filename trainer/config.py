@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer.perturb import PerturbConfig
+
+
+def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
+    """Refuse one field's value with a sentence naming the field, the value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{section}.{name} = {value!r} is out of range: must be {allowed}")
+
+
+def _check_literals(section: str, config: Any) -> None:
+    """Fields typed ``Literal[...]`` hold one of their values (config.json and --set can say anything)."""
+    for name, tp in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(tp) is Literal:
+            value = getattr(config, name)
+            _check(section, name, value, value in tp.__args__, f"one of {list(tp.__args__)}")
+
+
+def _positive(section: str, config: Any, *names: str, minimum: float = 0, strict: bool = True) -> None:
+    for name in names:
+        value = getattr(config, name)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and (value > minimum if strict else value >= minimum) and math.isfinite(value)
+        _check(section, name, value, ok, f"{'>' if strict else '>='} {minimum:g}")
+
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -40,6 +64,13 @@ class ModelConfig:
     """LoRA target modules (REFERENCE §2); suffix match also covers SD3.5's dual-attention attn2.*."""
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        _check_literals("model", self)
+        _check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
+        _positive("model", self, "max_sequence_length", strict=False)
+        _positive("model", self, "resolution", "lora_rank", "lora_alpha")
+        _check("model", "lora_targets", self.lora_targets, bool(self.lora_targets), "at least one module")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -53,6 +84,11 @@ class DataConfig:
     num_prompts: int = 48
     """Prompts per iteration, over all ranks (each prompt gets G·K samples). **choice**: DiffusionNFT's
     48 groups per epoch."""
+
+    def __post_init__(self) -> None:
+        for name in ("train", "test"):
+            _check("data", name, getattr(self, name), bool(getattr(self, name)), "a JSONL path or 'shapes'")
+        _positive("data", self, "num_prompts")
 
 
 @dataclass(kw_only=True)
@@ -79,6 +115,11 @@ class RolloutConfig:
     batch_size: int = 16
     """Samples per transformer forward during rollout (memory knob; does not change results)."""
 
+    def __post_init__(self) -> None:
+        _check_literals("rollout", self)
+        _positive("rollout", self, "num_noises", "num_conditions", "num_steps", "batch_size")
+        _check("rollout", "rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
+
 
 @dataclass(kw_only=True)
 class NFTConfig:
@@ -93,6 +134,13 @@ class NFTConfig:
     """Train on the first int(fraction·steps) of each sample's shuffled sampler timesteps (9 of 10, as
     DiffusionNFT computes it)."""
     ema: bool = True
+
+    def __post_init__(self) -> None:
+        _check_literals("nft", self)
+        _positive("nft", self, "nft_beta", "adv_clip")
+        _positive("nft", self, "kl_weight", strict=False)
+        fraction = self.train_timestep_fraction
+        _check("nft", "train_timestep_fraction", fraction, 0 < fraction <= 1, "in (0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -109,6 +157,15 @@ class OptimConfig:
     gradient accumulated over all of the iteration's samples and train timesteps."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
 
+    def __post_init__(self) -> None:
+        _check_literals("optim", self)
+        _positive(
+            "optim", self, "lr", "eps", "grad_clip", "train_batch_size", "optimizer_steps_per_iteration"
+        )
+        _positive("optim", self, "weight_decay", strict=False)
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _check("optim", "betas", self.betas, ok, "two values in [0, 1)")
+
 
 @dataclass(kw_only=True)
 class RewardSpec:
@@ -124,6 +181,10 @@ class RewardSpec:
     local_args: tuple[str, ...] = ()
     """Arguments after ``python -m services.serve NAME`` when started locally."""
 
+    def __post_init__(self) -> None:
+        _check("reward", "name", self.name, bool(self.name), "a service name")
+        _check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")
+
 
 @dataclass(kw_only=True)
 class RewardConfig:
@@ -132,6 +193,11 @@ class RewardConfig:
     """Deadline for one chunk's scores, retries included; past it the run fails with a clear error."""
     token_env: str = "E2PO_REWARD_TOKEN"
     """Environment variable holding the bearer token (tokens never go into config.json)."""
+
+    def __post_init__(self) -> None:
+        _positive("reward", self, "timeout_s")
+        for spec in self.rewards:
+            spec.__post_init__()
 
 
 @dataclass(kw_only=True)
@@ -147,6 +213,11 @@ class RunConfig:
     """Evaluate every N iterations (0 = only when asked with ``python -m trainer.evaluate``)."""
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        _positive("run", self, "seed", "iterations", "plot_every", "eval_every", strict=False)
+        _positive("run", self, "checkpoint_every")
+        _check("run", "out", self.out, bool(self.out), "a directory")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -159,6 +230,12 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self) -> TrainConfig:
+        """Check every section again (presets and code may assign fields after construction)."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).__post_init__()
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -167,7 +244,11 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return from_dict(cls, json.loads(path.read_text()))
+        """A saved config.json, every section validated (an edited file fails here, naming the field)."""
+        try:
+            return from_dict(cls, json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 # -- presets ---------------------------------------------------------------------------------------
@@ -255,7 +336,7 @@ def build_config(
         cfg.run.preset = f"{preset}+nft"
     for item in overrides:
         apply_override(cfg, item)
-    return cfg
+    return cfg.validate()
 
 
 # -- overrides and (de)serialisation ---------------------------------------------------------------
@@ -276,7 +357,13 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     if name not in fields:
         raise ValueError(f"override {item!r}: {type(target).__name__} has no field {name!r}")
     hints = typing.get_type_hints(type(target))
+    previous = getattr(target, name)
     setattr(target, name, _parse(hints[name], raw.strip(), key))
+    try:
+        target.__post_init__()  # a dataclass section validates itself; setattr alone would skip it
+    except ValueError as exc:
+        setattr(target, name, previous)
+        raise ValueError(f"--set {item}: {exc}") from None
 
 
 def _parse(tp: Any, raw: str, key: str) -> Any:

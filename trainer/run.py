@@ -84,6 +84,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         cfg.run.out = args.out
     if args.reward_endpoint:
         cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
+    cfg.validate()
     return cfg, run_dir if args.resume is not None else Path(cfg.run.out)
 
 
