@@ -51,6 +51,8 @@ from shapes.scene import SceneConfig
 from shapes.vocab import TAGS
 
 CHECKPOINT = "resume.pt"
+RUNTIME_FIELDS = frozenset({"num_threads", "checkpoint_every_s"})
+"""PretrainConfig fields that say how a run uses the machine, not what it trains: free to change on resume."""
 
 
 @dataclass(kw_only=True)
@@ -310,10 +312,16 @@ class Pretrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != self.config.to_dict():
+        """Continue a checkpoint made with the same configuration; only the CPU budget and the
+        checkpoint period (:data:`RUNTIME_FIELDS`) may differ, so a run can be given more cores when
+        the machine frees up (bit-for-bit continuation then holds for the same thread count only)."""
+        saved = {k: v for k, v in state["config"].items() if k not in RUNTIME_FIELDS}
+        now = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_FIELDS}
+        if saved != now:
+            changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             raise ValueError(
                 "the checkpoint was made with another configuration; resume with the same arguments "
-                f"(checkpoint: {state['config']}, now: {self.config.to_dict()})."
+                f"(differing: {changed}; checkpoint: {saved}, now: {now})."
             )
         for name, module in self.model.components().items():
             module.load_state_dict(state["weights"][name])
