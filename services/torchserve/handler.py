@@ -15,6 +15,7 @@ TorchServe loads this file as a top-level module and requires exactly one class 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,9 @@ def _model_calls(jobs: list[tuple[int, list[int], ScoreBatch]], max_images: int)
 
 def _fail(context: Any, position: int, code: int, message: str) -> bytes:
     # The status reaches REST clients only; the reply's own prefix carries it over gRPC (see wire.py).
-    context.set_response_status(code=code, phrase=message, idx=position)
+    # The reason phrase is HTTP's own ASCII one, never the sentence: TorchServe 0.12 frames the phrase
+    # by its character count but writes UTF-8 bytes, so a '·' in it corrupted the worker's reply frame
+    # and killed the worker, failing every request batched with the bad one. The sentence is the body.
+    context.set_response_status(code=code, phrase=HTTPStatus(code).phrase, idx=position)
     context.set_response_content_type(position, "text/plain; charset=utf-8")
     return error_reply(code, message)
