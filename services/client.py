@@ -31,6 +31,7 @@ import torch
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.codec import as_hwc_uint8, encode_file_bytes
 from services.core.packing import pack_groups
+from services.core.tls import handshake_failure, load_ca, load_key_pair
 from services.core.wire import (
     SCORE_METHOD,
     SCORE_STREAM_METHOD,
@@ -80,11 +81,18 @@ class ClientTLS:
     cert: Path | None = None
     key: Path | None = None
 
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate and its key go together (--tls-cert and --tls-key)")
+
     def credentials(self) -> grpc.ChannelCredentials:
-        read = lambda p: p.read_bytes() if p else None  # noqa: E731
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
-        )
+        """Credentials from files checked first (``services.core.tls``): a bad file is a sentence
+        naming it, not an opaque "failed to connect to all addresses" at the first call."""
+        ca = load_ca(self.ca, "CA") if self.ca else None
+        key = chain = None
+        if self.cert is not None and self.key is not None:
+            key, chain = load_key_pair(self.cert, self.key, "client")
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
 
 
 @dataclass(kw_only=True)
@@ -138,6 +146,7 @@ class RewardClient:
             ("grpc.max_send_message_length", max_chunk_bytes + 4 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
+        self._plaintext = tls is None
         if tls is None:
             self._channel = grpc.aio.insecure_channel(endpoint, options=options)
         else:
@@ -226,12 +235,23 @@ class RewardClient:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 attempt += 1
+                cause = (
+                    handshake_failure(err.details() or "") if code == grpc.StatusCode.UNAVAILABLE else None
+                )
+                if cause is not None:  # a certificate problem: retrying cannot fix it
+                    raise RewardError(code, f"TLS handshake with {self.endpoint} failed: {cause}") from None
                 if code not in RETRYABLE or attempt >= self.retry.max_attempts:
-                    raise RewardError(code, err.details() or "") from None
+                    raise RewardError(code, self._explained(err)) from None
                 delay = self.retry.backoff(attempt - 1, _retry_hint(err))
                 if remaining is not None and delay >= remaining:
                     raise RewardError(code, f"{err.details()} (deadline reached while retrying)") from None
                 await asyncio.sleep(delay)
+
+    def _explained(self, err: grpc.aio.AioRpcError) -> str:
+        details = err.details() or ""
+        if self._plaintext and err.code() == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+            return f"{details} (the server closed the connection at once: if it serves TLS, pass its CA)"
+        return details
 
 
 def _deadline(timeout_s: float | None) -> float | None:

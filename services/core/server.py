@@ -30,6 +30,7 @@ from services.core.request import RequestLimits
 from services.core.runner import run_jobs
 from services.core.scorer import Scorer
 from services.core.servicer import IntakeLimits, RewardServicer, add_to_server
+from services.core.tls import load_ca, load_key_pair
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,11 @@ class RewardServer:
             server,
         )
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls is None:
+        credentials = _server_credentials(cfg.tls) if cfg.tls is not None else None
+        if credentials is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, _server_credentials(cfg.tls))
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot bind {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -210,8 +212,10 @@ class RewardServer:
 
 
 def _server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
-    key, cert = tls.key.read_bytes(), tls.cert.read_bytes()
-    client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    """Credentials from files checked first (``services.core.tls``): a bad file is a sentence naming
+    it, not gRPC's "Failed to bind to address"."""
+    key, cert = load_key_pair(tls.cert, tls.key, "server")
+    client_ca = load_ca(tls.client_ca, "client CA") if tls.client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
