@@ -28,6 +28,7 @@ import torch
 
 from services.geneval.prompts import images_per_record
 from trainer import checkpoint as ckpt
+from trainer import children
 from trainer.config import RolloutConfig, TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
@@ -255,19 +256,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.preset)
     if args.reward_endpoint:
         cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
-    summary = asyncio.run(
-        evaluate(
-            cfg,
-            args.run,
-            steps=args.steps,
-            num_prompts=args.num_prompts,
-            seed=args.seed,
-            use_ema=not args.no_ema,
-            samples_per_prompt=args.samples_per_prompt,
-            min_images_per_tag=args.min_images_per_tag,
-            out=args.out,
+    children.stop_on_sigterm()
+    try:
+        summary = asyncio.run(
+            evaluate(
+                cfg,
+                args.run,
+                steps=args.steps,
+                num_prompts=args.num_prompts,
+                seed=args.seed,
+                use_ema=not args.no_ema,
+                samples_per_prompt=args.samples_per_prompt,
+                min_images_per_tag=args.min_images_per_tag,
+                out=args.out,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        print("stopped before the evaluation finished; nothing was written", file=sys.stderr)
+        return children.STOPPED_EXIT_CODE
     print(markdown_table(summary), end="")
     return 0
 

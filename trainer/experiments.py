@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import children
 from trainer.rewards import LocalService
 
 
@@ -119,10 +120,8 @@ def reproduce(out: Path, plan: list[tuple[Arm, list[int]]], iterations: int, eva
                     print(f"[done] {arm.name} seed {seed}", flush=True)
                     continue
                 print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
-                subprocess.run(train_command(arm, seed, iterations, directory, endpoint), check=True)
-                subprocess.run(
-                    eval_command(directory, endpoint, eval_samples), check=True, stdout=subprocess.DEVNULL
-                )
+                children.run(train_command(arm, seed, iterations, directory, endpoint))
+                children.run(eval_command(directory, endpoint, eval_samples), stdout=subprocess.DEVNULL)
     finally:
         service.stop()
 
@@ -154,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             plan += [(arm, [0]) for arm in ABLATIONS]
         if args.arm:
             plan = [(arm, seeds) for arm, seeds in plan if arm.name in args.arm]
-        reproduce(args.out, plan, args.iterations, args.eval_samples)
+        children.stop_on_sigterm()
+        try:
+            reproduce(args.out, plan, args.iterations, args.eval_samples)
+        except KeyboardInterrupt:
+            print(
+                f"stopped; finished runs are kept, rerun the same command to continue ({args.out})",
+                file=sys.stderr,
+            )
+            return children.STOPPED_EXIT_CODE
         return 0
     from trainer.results import write_report
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from services.client import RewardClient, RewardError
+from trainer import children
 from trainer.config import RewardConfig, RewardSpec
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class LocalService:
             "WARNING",
             *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.proc = children.popen(cmd, stdout=subprocess.PIPE, text=True)
         try:
             line = await asyncio.wait_for(asyncio.to_thread(self._listening_line), timeout_s)
         except TimeoutError:
@@ -82,13 +82,8 @@ class LocalService:
         return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            children.stop(self.proc)
 
 
 class RewardSet:

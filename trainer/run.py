@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import children
 from trainer.checkpoint import CheckpointError
 from trainer.config import PRESETS, RewardSpec, TrainConfig, apply_override, build_config
 from trainer.loop import Trainer
@@ -120,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate only rank 0 writes the config
         cfg.save(run_dir / "config.json")
     torch.manual_seed(cfg.run.seed)
+    children.stop_on_sigterm()
     try:
         asyncio.run(train(cfg, run_dir, args.resume))
     except (RewardUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"stopped; continue from the last checkpoint with --resume {run_dir}", file=sys.stderr)
+        return children.STOPPED_EXIT_CODE
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # the summary, like the files, comes from rank 0 only
     print(f"run:     {run_dir}")
