@@ -27,6 +27,11 @@ from tests.test_reliability_fuzz import report
 
 MAX_RETRIES = 200
 """Per request; a hint that never leads to success within this many tries fails the test."""
+MAX_TRIES_BOUND = 15
+"""Regression bound of the full run: most tries one request needed (the hint should make few enough)."""
+P99_PER_CONCURRENT_CALL = 2.0
+"""Regression bound of the full run: loaded p99 ≤ this × concurrent calls × the quiet p99 (one client,
+one call at a time, same server). A fair queue serves each of N callers within about N requests' time."""
 
 
 @dataclass
@@ -100,9 +105,11 @@ def run_load(num_clients: int, requests_per_client: int, streams: int) -> tuple[
     )
     scorer = MeanPixelScorer(seconds_per_image=0.0002)
 
-    async def main() -> tuple[LoadStats, str, float]:
-        stats = LoadStats()
+    async def main() -> tuple[LoadStats, LoadStats, str, float]:
+        stats, quiet = LoadStats(), LoadStats()
         async with running_server(scorer, ServerConfig(port=0, batcher=batcher, metrics_port=0)) as server:
+            # The quiet baseline: one client, one call at a time (its images are not counted below).
+            await _client(server.port, num_clients, list(range(requests_per_client)), 1, quiet, sizes)
             started = time.perf_counter()
             await asyncio.gather(
                 *(
@@ -113,9 +120,10 @@ def run_load(num_clients: int, requests_per_client: int, streams: int) -> tuple[
             seconds = time.perf_counter() - started
             url = f"http://127.0.0.1:{server.metrics_port}/metrics"
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
-        return stats, metrics, seconds
+        return stats, quiet, metrics, seconds
 
-    stats, metrics, seconds = asyncio.run(asyncio.wait_for(main(), 600))
+    stats, quiet, metrics, seconds = asyncio.run(asyncio.wait_for(main(), 600))
+    assert quiet.unexpected == [] and quiet.ok == requests_per_client
     total = num_clients * requests_per_client
     assert stats.unexpected == [], stats.unexpected[:10]
     assert stats.ok == total
@@ -125,10 +133,12 @@ def run_load(num_clients: int, requests_per_client: int, streams: int) -> tuple[
         for n in range(requests_per_client)
         for k in range(sizes[n])
     )
-    seen = Counter(scorer.seen_prompts())
+    seen = Counter(p for p in scorer.seen_prompts() if not p.startswith(f"c{num_clients}-"))
     assert seen == expected_tags  # every accepted image scored exactly once, nothing else scored
     ok_line = 'reward_requests_total{client="anonymous",code="OK",model="meanpixel"}'
-    assert f"{ok_line} {float(total)}" in metrics
+    assert f"{ok_line} {float(total + requests_per_client)}" in metrics
+    quiet_p99_ms = 1000 * float(np.percentile(quiet.latencies, 99))
+    loaded_p99_ms = 1000 * float(np.percentile(stats.latencies, 99))
     numbers = {
         "requests": total,
         "images": sum(expected_tags.values()),
@@ -137,7 +147,10 @@ def run_load(num_clients: int, requests_per_client: int, streams: int) -> tuple[
         "max_tries_for_one_request": max(stats.retries_per_request) + 1,
         "hint_ms_median": int(np.median(stats.hints_ms)) if stats.hints_ms else None,
         "latency_p50_ms": round(1000 * float(np.percentile(stats.latencies, 50)), 1),
-        "latency_p99_ms": round(1000 * float(np.percentile(stats.latencies, 99)), 1),
+        "latency_p99_ms": round(loaded_p99_ms, 1),
+        "quiet_p99_ms": round(quiet_p99_ms, 2),
+        "concurrent_calls": num_clients * streams,
+        "p99_over_quiet": round(loaded_p99_ms / quiet_p99_ms, 1),
         "seconds": round(seconds, 1),
     }
     return stats, numbers
@@ -151,5 +164,7 @@ def test_load_fast_profile() -> None:
 @pytest.mark.reliability
 def test_load_16_clients_x_200_requests() -> None:
     stats, numbers = run_load(num_clients=16, requests_per_client=200, streams=3)
-    assert stats.queue_full > 0  # the bounded queue really was exercised
     report("load-full", **numbers)
+    assert stats.queue_full > 0  # the bounded queue really was exercised
+    assert numbers["max_tries_for_one_request"] <= MAX_TRIES_BOUND, numbers
+    assert numbers["p99_over_quiet"] <= P99_PER_CONCURRENT_CALL * numbers["concurrent_calls"], numbers
