@@ -24,7 +24,7 @@ from services.aesthetic.checkpoint import build_tiny
 from services.aesthetic.head import AestheticHead, load_head
 from services.client import RewardClient
 from services.clip_shared.transforms import center_crop_transform
-from services.clip_shared.weights import file_sha256
+from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
 from services.registry import build_scorer
 from tests.conftest import PREPROCESSING_SIZES, SHARED, random_image, running_server

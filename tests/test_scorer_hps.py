@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 
 from services.client import RewardClient
 from services.clip_shared.transforms import pad_transform
-from services.clip_shared.weights import file_sha256
+from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
 from services.hps import HPSScorer
 from services.hps.checkpoint import build_tiny, load_state, tiny_model

@@ -13,11 +13,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from services.client import RewardClient
+from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
 from services.imagereward import ImageRewardScorer
 from services.imagereward.checkpoint import (
     CheckpointFiles,
-    file_sha256,
     from_upstream_keys,
     load_model,
     resolve_files,

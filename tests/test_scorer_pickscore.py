@@ -14,7 +14,7 @@ from transformers.models.clip import CLIPImageProcessor, CLIPImageProcessorPil
 from services.client import RewardClient
 from services.clip_shared.resize import resize_bicubic
 from services.clip_shared.transforms import center_crop_transform
-from services.clip_shared.weights import file_sha256
+from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
 from services.pickscore import PickScoreScorer
 from services.pickscore.checkpoint import build_tiny

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.core.hashing import file_sha256
 from services.geneval.metadata import COLORS
 from services.geneval.rules import Detection
-from services.geneval.weights import file_sha256
 
 COLOR_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c} {cls}",

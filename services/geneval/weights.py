@@ -4,16 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, as ``sha256sum`` prints it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def combined_sha256(hex_digests: Sequence[str]) -> str:

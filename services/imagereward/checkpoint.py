@@ -8,7 +8,6 @@ text encoder's ``position_ids`` buffer (always ``arange``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -115,14 +114,6 @@ def resolve_files(checkpoint: str) -> CheckpointFiles:
         med_config=Path(hf_hub_download(checkpoint, MED_CONFIG_FILE)),
         vocab_dir=Path(vocab).parent,
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(files: CheckpointFiles, vision: VisionConfig | None = None) -> ImageRewardModel:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from transformers import BertTokenizer
 
+from services.core.hashing import file_sha256
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
-from services.imagereward.checkpoint import file_sha256, load_model, resolve_files
+from services.imagereward.checkpoint import load_model, resolve_files
 from services.imagereward.model import ImageRewardModel, build_tiny
 from services.imagereward.preprocess import (
     IMAGE_SIZE,

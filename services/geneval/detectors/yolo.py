@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.core.hashing import file_sha256
 from services.geneval.coco import geneval_names
 from services.geneval.detectors import Detections, DetectorConfig, DetectorInfo
 from services.geneval.rules import Detection
-from services.geneval.weights import file_sha256
 
 TINY_MODEL_YAML = "yolo11n-seg.yaml"
 """Model built with random weights under ``--tiny`` when no YAML is given."""
