@@ -41,6 +41,7 @@ from bench.common import load_average, percentile_ms, print_table, write_results
 from bench.processes import _read_line_with_prefix, stop
 from protos import reward_pb2
 from services.core.codec import PNG, encode_raw
+from services.core.server import READY_PREFIX
 from services.core.wire import SCORE_METHOD, SCORE_STREAM_METHOD
 
 TOKEN = "bench-attacks-token-0123456789abcdef"
@@ -277,7 +278,7 @@ def served(token_file: Path, extra: list[str]) -> Iterator[tuple[str, int]]:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        words = _read_line_with_prefix(proc, "listening on ", 120).split()
+        words = _read_line_with_prefix(proc, READY_PREFIX, 120).split()
         yield words[2], proc.pid
     finally:
         stop(proc)

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from bench.common import use_server_allocator
+from services.core.server import READY_PREFIX
 
 SERVICE = "bench.Floor"
 METHOD = f"/{SERVICE}/Take"
@@ -48,7 +49,7 @@ async def serve() -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+    print(f"{READY_PREFIX}127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 
 

@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from services.core.server import READY_PREFIX
+
 
 @dataclass(frozen=True)
 class ServedEndpoint:
@@ -62,7 +64,7 @@ def _listening_child(module: str, args: Sequence[str], timeout_s: float) -> Iter
     """``python -m MODULE ARGS`` for the duration of the block; yields its "listening on ..." line, split."""
     proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True)
     try:
-        yield _read_line_with_prefix(proc, "listening on ", timeout_s).split()
+        yield _read_line_with_prefix(proc, READY_PREFIX, timeout_s).split()
     finally:
         stop(proc)
 

@@ -17,7 +17,7 @@ from bench.common import use_torch_threads
 from bench.scorers import NullScorer, SleepingScorer, bench_clip_scorer
 from services.core.batcher import BatcherConfig
 from services.core.scorer import Scorer
-from services.core.server import RewardServer, ServerConfig
+from services.core.server import READY_PREFIX, RewardServer, ServerConfig
 from services.serve import parse_slack
 
 
@@ -70,7 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     server = RewardServer(lambda: build(args), args.scorer, config)
     port = await server.start()
-    print(f"listening on {config.host}:{port} metrics {server.metrics_port}", flush=True)
+    print(f"{READY_PREFIX}{config.host}:{port} metrics {server.metrics_port}", flush=True)
     await server.run_until_signal()
 
 

@@ -25,7 +25,7 @@ from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
 from services.core.quota import QuotaConfig
 from services.core.request import RequestLimits
-from services.core.server import RewardServer, ServerConfig, TLSConfig
+from services.core.server import READY_PREFIX, RewardServer, ServerConfig, TLSConfig
 from services.core.servicer import IntakeLimits
 from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
 
@@ -228,7 +228,7 @@ async def serve(args: argparse.Namespace) -> None:
     port = await server.start()
     if server.metrics_port is not None:
         print(f"metrics on {config.host}:{server.metrics_port}", flush=True)
-    print(f"listening on {config.host}:{port}", flush=True)
+    print(f"{READY_PREFIX}{config.host}:{port}", flush=True)
     await server.run_until_signal()
 
 

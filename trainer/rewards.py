@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from services.client import RewardClient, RewardError
+from services.core.server import READY_PREFIX
 from trainer import children
 from trainer.config import RewardConfig, RewardSpec
 
@@ -68,16 +69,16 @@ class LocalService:
             raise RewardUnavailable(
                 f"local {self.name} service did not start within {timeout_s:.0f} s"
             ) from None
-        if not line.startswith("listening on "):
+        if not line.startswith(READY_PREFIX):
             self.stop()
             raise RewardUnavailable(f"local {self.name} service failed to start (command: {' '.join(cmd)})")
-        self.endpoint = line.removeprefix("listening on ").strip()
+        self.endpoint = line.removeprefix(READY_PREFIX).strip()
         return self.endpoint
 
     def _listening_line(self) -> str:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
-            if line.startswith("listening on "):
+            if line.startswith(READY_PREFIX):
                 return line
         return ""
 

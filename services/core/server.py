@@ -35,6 +35,9 @@ from services.core.tls import load_ca, load_key_pair
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+READY_PREFIX = "listening on "
+"""Start of the stdout line a serving process prints once it serves (``listening on HOST:PORT``): what
+parents that start a server wait for (the trainer's local services, the benchmarks)."""
 
 
 @dataclass(frozen=True, kw_only=True)
