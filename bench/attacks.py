@@ -38,11 +38,11 @@ import grpc
 import numpy as np
 
 from bench.common import load_average, percentile_ms, print_table, write_results
-from bench.processes import _read_line_with_prefix, stop
+from bench.processes import read_line_with_prefix, stop
 from protos import reward_pb2
 from services.core.codec import PNG, encode_raw
 from services.core.server import READY_PREFIX
-from services.core.wire import SCORE_METHOD, SCORE_STREAM_METHOD
+from services.core.wire import SCORE_METHOD, SCORE_STREAM_METHOD, varint
 
 TOKEN = "bench-attacks-token-0123456789abcdef"
 VICTIM_INTERVAL_S = 0.05
@@ -91,7 +91,7 @@ def attacks(quick: bool) -> list[Attack]:
     scale = 10 if quick else 1
     raw_1x1 = _one_sample(encode_raw(np.zeros((1, 1, 3), np.uint8)))[:-3]  # sample without its prompt
     bomb = _one_sample(reward_pb2.Image(encoding=PNG, data=png_bomb(8192)))  # 67 MP declared, 16.8 allowed
-    stalled = b"\x7a" + _varint(47_000_000 // scale) + bytes(47_000_000 // scale)
+    stalled = b"\x7a" + varint(47_000_000 // scale) + bytes(47_000_000 // scale)
     closed = frozenset({"DEADLINE_EXCEEDED"})
     return [
         Attack(
@@ -103,7 +103,7 @@ def attacks(quick: bool) -> list[Attack]:
         Attack("4M empty samples", b"\x0a\x00" * (4_000_000 // scale)),
         Attack("100k 1x1 raw images", raw_1x1 * (100_000 // scale)),
         Attack("1M unknown varint fields", b"\x10\x01" * (1_000_000 // scale)),
-        Attack("60 MB unknown field", b"\x7a" + _varint(60_000_000 // scale) + bytes(60_000_000 // scale)),
+        Attack("60 MB unknown field", b"\x7a" + varint(60_000_000 // scale) + bytes(60_000_000 // scale)),
         Attack("8 streams: 47 MB part, stall", stalled, stream=True, concurrent=8, expected=closed),
         Attack(
             "100 idle streams",
@@ -114,15 +114,6 @@ def attacks(quick: bool) -> list[Attack]:
         ),
         Attack("16 PNG bombs (8192² declared)", bomb, concurrent=16),
     ]
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class RssSampler:
@@ -278,7 +269,7 @@ def served(token_file: Path, extra: list[str]) -> Iterator[tuple[str, int]]:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        words = _read_line_with_prefix(proc, READY_PREFIX, 120).split()
+        words = read_line_with_prefix(proc, READY_PREFIX, 120).split()
         yield words[2], proc.pid
     finally:
         stop(proc)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from services.core.server import READY_PREFIX
+from trainer.children import stop
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,7 @@ class ServedEndpoint:
     metrics_port: int
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _read_line_with_prefix(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
+def read_line_with_prefix(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
     """The first stdout line starting with ``prefix``; raises if the child exits or times out first."""
     found: list[str] = []
 
@@ -64,7 +53,7 @@ def _listening_child(module: str, args: Sequence[str], timeout_s: float) -> Iter
     """``python -m MODULE ARGS`` for the duration of the block; yields its "listening on ..." line, split."""
     proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True)
     try:
-        yield _read_line_with_prefix(proc, READY_PREFIX, timeout_s).split()
+        yield read_line_with_prefix(proc, READY_PREFIX, timeout_s).split()
     finally:
         stop(proc)
 

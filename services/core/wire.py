@@ -40,7 +40,8 @@ SCORE_STREAM_METHOD = _method_path("ScoreStream")
 """The ScoreStream RPC's path: the same bytes, cut at sample boundaries into a stream of messages."""
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -50,16 +51,16 @@ def _varint(value: int) -> bytes:
 
 
 def _key(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
+    return varint(field << 3 | wire_type)
 
 
 def _uint_field(field: int, value: int) -> bytes:
-    return _key(field, _VARINT) + _varint(value) if value else b""
+    return _key(field, _VARINT) + varint(value) if value else b""
 
 
 def _text_field(field: int, text: str) -> bytes:
     data = text.encode("utf-8")
-    return _key(field, _LEN) + _varint(len(data)) + data if data else b""
+    return _key(field, _LEN) + varint(len(data)) + data if data else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +93,13 @@ def encode_sample(
         _uint_field(1, reward_pb2.IMAGE_ENCODING_RAW_RGB8)
         + _uint_field(2, height)
         + _uint_field(3, width)
-        + (_key(4, _LEN) + _varint(len(pixels)) if len(pixels) else b"")
+        + (_key(4, _LEN) + varint(len(pixels)) if len(pixels) else b"")
     )
     image_size = len(image_head) + len(pixels)
     tail = _text_field(2, prompt) + _text_field(3, metadata_json) + _text_field(4, group_id)
-    sample_head = _key(1, _LEN) + _varint(image_size)
+    sample_head = _key(1, _LEN) + varint(image_size)
     sample_size = len(sample_head) + image_size + len(tail)
-    head = _key(1, _LEN) + _varint(sample_size) + sample_head + image_head
+    head = _key(1, _LEN) + varint(sample_size) + sample_head + image_head
     return EncodedSample(head=head, pixels=pixels, tail=tail, group_id=group_id)
 
 
