@@ -150,6 +150,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     eps: float = 1e-8
     grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
     train_batch_size: int = 8
     """Samples per training forward."""
     optimizer_steps_per_iteration: int = 1
@@ -159,10 +160,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_literals("optim", self)
-        _positive(
-            "optim", self, "lr", "eps", "grad_clip", "train_batch_size", "optimizer_steps_per_iteration"
-        )
-        _positive("optim", self, "weight_decay", strict=False)
+        _positive("optim", self, "lr", "eps", "train_batch_size", "optimizer_steps_per_iteration")
+        _positive("optim", self, "weight_decay", "grad_clip", strict=False)  # grad_clip 0: no clipping
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
         _check("optim", "betas", self.betas, ok, "two values in [0, 1)")
 
