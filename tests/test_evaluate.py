@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ from tests.tiny_sd3 import tiny_model
 from trainer.config import RewardSpec, build_config
 from trainer.evaluate import evaluate_model, markdown_table, summarise
 from trainer.model import POLICY, merge_adapter, use_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RECORDS = [
     {"prompt": "a red circle", "tag": "colors"},
@@ -114,3 +120,20 @@ def test_summary_scores_per_tag_and_leaves_tag_indicators_out():
     assert not any(key.startswith("geneval/tag/") for key in summary)
     table = markdown_table(summary)
     assert "| geneval/images_per_tag/colors | 3 |" in table and "| geneval/per_tag/colors | 0.667 |" in table
+
+
+def test_evaluate_on_an_unreachable_endpoint_ends_in_one_sentence(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", "--preset", "shapes", "--num-prompts", "1", "--steps", "1",
+         "--min-images-per-tag", "0", "--out", str(tmp_path / "eval"), "--connect-timeout-s", "2",
+         "--reward-endpoint", "geneval=127.0.0.1:1,output=geneval/score"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [
+        line for line in proc.stderr.splitlines() if line.startswith("error:")
+    ]  # past weight-loading bars
+    assert line.startswith("error: reward 'geneval' at 127.0.0.1:1: ") and "--reward-endpoint" in line, line
+    assert time.perf_counter() - started < 60

@@ -192,9 +192,12 @@ class RewardConfig:
     """Deadline for one chunk's scores, retries included; past it the run fails with a clear error."""
     token_env: str = "E2PO_REWARD_TOKEN"
     """Environment variable holding the bearer token (tokens never go into config.json)."""
+    connect_timeout_s: float = 120.0
+    """How long the start waits for each reward service to answer (a pod still being scheduled);
+    past it the run stops with the endpoint named."""
 
     def __post_init__(self) -> None:
-        _positive("reward", self, "timeout_s")
+        _positive("reward", self, "timeout_s", "connect_timeout_s")
         for spec in self.rewards:
             spec.__post_init__()
 

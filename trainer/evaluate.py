@@ -34,7 +34,7 @@ from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
 from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, merge_adapter, use_adapter
 from trainer.prompts import Record, load_records, reward_metadata
-from trainer.rewards import RewardSet
+from trainer.rewards import RewardSet, RewardUnavailable
 from trainer.rollout import sample, sample_sigmas
 from trainer.run import parse_endpoint, pick_device
 
@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="output directory (default RUN/eval)")
     p.add_argument("--reward-endpoint", action="append", default=[])
+    p.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=10.0,
+        help="give up on an unreachable reward service after this",
+    )
     args = p.parse_args(argv)
     if args.run is not None:
         cfg = TrainConfig.load(args.run / "config.json")
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.preset)
     if args.reward_endpoint:
         cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
+    cfg.reward.connect_timeout_s = args.connect_timeout_s
     children.stop_on_sigterm()
     try:
         summary = asyncio.run(
@@ -274,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped before the evaluation finished; nothing was written", file=sys.stderr)
         return children.STOPPED_EXIT_CODE
+    except RewardUnavailable as exc:
+        print(f"error: {exc} (--reward-endpoint NAME=HOST:PORT scores with another server)", file=sys.stderr)
+        return 1
     print(markdown_table(summary), end="")
     return 0
 

@@ -111,7 +111,7 @@ class RewardSet:
                 log.info("started local %s reward service on %s", spec.name, endpoint)
             client = RewardClient(endpoint, token=token, timeout_s=self.config.timeout_s)
             try:
-                info = await client.describe()
+                info = await client.describe(timeout_s=self.config.connect_timeout_s)
             except RewardError as exc:
                 raise RewardUnavailable(f"reward {spec.name!r} at {endpoint}: {exc}") from None
             if not spec.output:
