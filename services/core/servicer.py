@@ -52,10 +52,7 @@ INLINE_PARSE_BYTES = 1024 * 1024
 """Bodies up to this size are read on the event loop, larger ones in a worker thread. Reading takes at
 most ~5,700 field steps whatever the size (``ReadBounds``: ≤ 15 ms, in a thread too, as it holds the
 GIL); what grows with size is text decoding and the protobuf library's copy, ≤ 1 ms per MB. Small
-requests thus never queue for the worker threads that other callers' large bodies occupy."""
-INLINE_DECODE_IMAGES = 16
-"""Requests of at most this many raw images are decoded on the event loop (a raw image is a view of
-the body: ~10 µs of checks); others, and any PNG/JPEG, in a worker thread."""
+requests thus never queue for the worker threads that other callers' large bodies occupy to be read."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,10 +315,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         try:
             self._check_admission(batcher, client, num_images)
             try:
-                if _raw_and_few(request):
-                    jobs = self._decode(request, scorer, reservation.take)
-                else:
-                    jobs = await asyncio.to_thread(self._decode, request, scorer, reservation.take)
+                jobs = await asyncio.to_thread(self._decode, request, scorer, reservation.take)
             except RequestError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             except BudgetExhausted as exc:
@@ -358,7 +352,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def _decode(
         self, request: WireRequest, scorer: Scorer, reserve: Reserve
     ) -> list[tuple[list[int], ScoreBatch]]:
-        """Decode and validate every sample (in a worker thread unless few and raw), then pack them into jobs.
+        """Decode and validate every sample (in a worker thread), then pack them into jobs.
 
         Returns (request indices, job) pairs: packing keeps groups together, so a job's samples need
         not be contiguous in the request.
@@ -405,13 +399,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 raise _Abort(grpc.StatusCode.INTERNAL, f"scorer failed: {type(result).__name__}: {result}")
         parts = [(indices, result) for (indices, _), result in zip(jobs, results, strict=True)]
         return score_response(parts, num_samples, scorer, self.limits)
-
-
-def _raw_and_few(request: WireRequest) -> bool:
-    return len(request.samples) <= INLINE_DECODE_IMAGES and all(
-        s.image is not None and s.image.encoding == reward_pb2.IMAGE_ENCODING_RAW_RGB8
-        for s in request.samples
-    )
 
 
 def _exhausted(message: str, retry_after_s: float) -> _Abort:
