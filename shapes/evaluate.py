@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from PIL import Image, ImageDraw
 
+from services.geneval.grid import tag_grid
 from services.geneval.metadata import parse_metadata
 from services.geneval.prompts import images_per_record
 from services.geneval.rules import Detection, GenEvalResult
@@ -216,46 +215,6 @@ def evaluate_model(
     return result, images, expanded, correct
 
 
-def sample_grid(
-    images: np.ndarray,
-    records: Sequence[Metadata],
-    correct: Sequence[bool],
-    *,
-    columns: int = 8,
-    scale: int = 4,
-) -> Image.Image:
-    """One row per tag: the first image of its first ``columns`` distinct prompts, upscaled, captioned and
-    framed green (correct) or red."""
-    cell = images.shape[1] * scale
-    caption_lines, line_height, pad = 4, 11, 4
-    rows = []
-    for tag in TAGS:
-        seen: set[str] = set()
-        picks = []
-        for i, r in enumerate(records):
-            if r["tag"] == tag and r["prompt"] not in seen:
-                seen.add(r["prompt"])
-                picks.append(i)
-        if picks:
-            rows.append(picks[:columns])
-    width = columns * (cell + 2 * pad)
-    height = len(rows) * (cell + 2 * pad + caption_lines * line_height)
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    for row, picks in enumerate(rows):
-        top = row * (cell + 2 * pad + caption_lines * line_height)
-        for col, i in enumerate(picks):
-            left = col * (cell + 2 * pad)
-            frame = (0, 160, 0) if correct[i] else (200, 0, 0)
-            draw.rectangle([left, top, left + cell + 2 * pad - 1, top + cell + 2 * pad - 1], fill=frame)
-            tile = Image.fromarray(images[i]).resize((cell, cell), Image.Resampling.NEAREST)
-            grid.paste(tile, (left + pad, top + pad))
-            text = records[i]["prompt"].removeprefix("a photo of ")
-            for k, line in enumerate(textwrap.wrap(text, width=22)[:caption_lines]):
-                draw.text((left + 2, top + cell + 2 * pad + k * line_height), line, fill="black")
-    return grid
-
-
 def record_in_manifest(model_dir: Path, result: EvalResult) -> None:
     manifest = read_manifest(model_dir)
     if manifest is None:
@@ -300,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(images, records, correct).save(args.out)
+        tag_grid(images, records, correct).save(args.out)
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     recorded = manifest.get("prior_eval")

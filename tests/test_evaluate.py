@@ -61,7 +61,8 @@ def test_evaluate_model_scores_every_image_once_in_order(samples: int, min_per_t
                 min_images_per_tag=min_per_tag,
             )
 
-    summary, images, expanded = asyncio.run(run())
+    summary, images, expanded, per_image = asyncio.run(run())
+    assert per_image["meanpixel"].shape == (len(images),)
     counts = images_per_record(RECORDS, samples, min_per_tag)
     assert summary["images"] == len(images) == len(expanded) == sum(counts)
     expected = [r["prompt"] for r, n in zip(RECORDS, counts, strict=True) for _ in range(n)]

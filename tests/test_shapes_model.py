@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from services.geneval.grid import GridLayout, tag_grid
 from shapes import pretrain
 from shapes.evaluate import (
     EvalConfig,
@@ -18,7 +19,6 @@ from shapes.evaluate import (
     expand_records,
     heldout_records,
     sample_euler,
-    sample_grid,
 )
 from shapes.model import (
     MANIFEST,
@@ -353,8 +353,8 @@ def test_evaluation_sizes_and_grid(small_model):
     assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
     assert set(result.per_tag) == set(TAGS) and all(0 <= v <= 1 for v in result.per_tag.values())
     assert result.overall == pytest.approx(np.mean(list(result.per_tag.values())))
-    grid = sample_grid(images, used, correct)
-    assert grid.size[0] > 0 and grid.size[1] > 0
+    grid = tag_grid(images, used, correct)
+    assert grid.size[1] == len(TAGS) * GridLayout().row_height(32)  # one row per tag
 
 
 @pytest.fixture(scope="module")

@@ -212,12 +212,16 @@ class RunConfig:
     checkpoint_every: int = 10
     plot_every: int = 1
     eval_every: int = 0
-    """Evaluate every N iterations (0 = only when asked with ``python -m trainer.evaluate``)."""
+    """Must be 0: the loop does not evaluate; ``python -m trainer.evaluate --run DIR`` evaluates a
+    checkpoint (and adds its grid and scores to the run's TensorBoard). Kept so saved configs load."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("run", self, "seed", "iterations", "plot_every", "eval_every", strict=False)
         _positive("run", self, "checkpoint_every")
+        _check(
+            "run", "eval_every", self.eval_every, self.eval_every == 0, "0 (use python -m trainer.evaluate)"
+        )
         _check("run", "out", self.out, bool(self.out), "a directory")
 
 

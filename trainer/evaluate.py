@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.geneval.grid import tag_grid
 from services.geneval.prompts import images_per_record
 from trainer import checkpoint as ckpt
 from trainer import children
@@ -113,24 +114,14 @@ def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str
     return summary
 
 
-def write_grid(images: torch.Tensor, prompts: list[str], path: Path, columns: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = min(len(images), 4 * columns)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.9 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < count:
-            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(prompts[i].removeprefix("a photo of "), fontsize=5)
-    fig.tight_layout()
+def write_grid(
+    images: torch.Tensor, records: list[Record], outputs: dict[str, np.ndarray], path: Path
+) -> None:
+    """The per-tag sample grid (``services.geneval.grid``), framed by GenEval correctness when scored."""
+    correct = outputs.get("geneval/correct")
+    judged = None if correct is None else [bool(v) for v in correct]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    tag_grid(images.permute(0, 2, 3, 1).numpy(), records, judged).save(path)
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -155,10 +146,11 @@ async def evaluate_model(
     seed: int,
     samples_per_prompt: int = 1,
     min_images_per_tag: int = 0,
-) -> tuple[dict[str, Any], torch.Tensor, list[Record]]:
+) -> tuple[dict[str, Any], torch.Tensor, list[Record], dict[str, np.ndarray]]:
     """Sample, score and summarise ``records`` with the model's active adapter.
 
-    Returns the summary, the uint8 images and the record of each image (record-major)."""
+    Returns the summary, the uint8 images, the record of each image (record-major) and each image's
+    outputs by name."""
     counts = images_per_record(records, samples_per_prompt, min_images_per_tag)
     expanded = [r for r, n in zip(records, counts, strict=True) for _ in range(n)]
     images = generate(model, expanded, steps=steps, sampler=cfg.rollout.sampler, seed=seed)
@@ -178,11 +170,12 @@ async def evaluate_model(
     for chunk in sorted(chunks, key=lambda c: int(c.indices[0])):
         for name, values in chunk.outputs.items():
             outputs[name].append(np.asarray(values))
-    summary = summarise(expanded, {name: np.concatenate(v) for name, v in outputs.items()})
+    per_image = {name: np.concatenate(v) for name, v in outputs.items()}
+    summary = summarise(expanded, per_image)
     if min(counts) >= 2:
         summary.update(diversity(images, counts, layouts=cfg.model.path == "shapes"))
     summary["images"] = len(expanded)
-    return summary, images, expanded
+    return summary, images, expanded, per_image
 
 
 async def evaluate(
@@ -213,7 +206,7 @@ async def evaluate(
     use_adapter(model.transformer, POLICY)
     merge_adapter(model.transformer, POLICY)
     records = load_records(cfg.data.test, "test")[:num_prompts]
-    summary, images, expanded = await evaluate_model(
+    summary, images, expanded, per_image = await evaluate_model(
         model,
         cfg,
         records,
@@ -226,8 +219,28 @@ async def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(summary))
-    write_grid(images, [r["prompt"] for r in expanded], out / "grid.png")
+    write_grid(images, expanded, per_image, out / "grid.png")
+    if run_dir is not None:
+        log_to_tensorboard(run_dir, ckpt.resolve(run_dir), summary, out / "grid.png")
     return summary
+
+
+def log_to_tensorboard(run_dir: Path, checkpoint: Path, summary: dict[str, Any], grid: Path) -> None:
+    """The evaluation's scores and grid in the run's TensorBoard, at the checkpoint's iteration."""
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    iteration = int(json.loads((checkpoint / "state.json").read_text())["iteration"])
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for key, value in summary.items():
+            if isinstance(value, dict):
+                for tag, v in value.items():
+                    writer.add_scalar(f"eval/{key}/{tag}", float(v), iteration)
+            elif isinstance(value, float) and math.isfinite(value):
+                writer.add_scalar(f"eval/{key}", value, iteration)
+        writer.add_image(
+            "eval/grid", np.asarray(Image.open(grid).convert("RGB")), iteration, dataformats="HWC"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
