@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from services.geneval import metadata as geneval_metadata
+
 COLORS: Final[dict[str, tuple[int, int, int]]] = {
     "red": (255, 0, 0),
     "orange": (255, 128, 0),
@@ -54,8 +56,7 @@ COUNTING_COUNTS: Final[tuple[int, ...]] = (2, 3, 4)
 
 NUMBER_WORDS: Final[dict[int, str]] = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
-RELATIONS: Final[tuple[str, ...]] = ("left of", "right of", "above", "below")
-"""GenEval's relations; y grows downwards, so "above" means a smaller centre y."""
-
-TAGS: Final[tuple[str, ...]] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-"""The six GenEval tags, in GenEval's reporting order."""
+# GenEval's relations (y grows downwards, so "above" means a smaller centre y) and its six tags in its
+# reporting order: defined once, by the GenEval format package.
+RELATIONS: Final[tuple[str, ...]] = geneval_metadata.RELATIONS
+TAGS: Final[tuple[str, ...]] = geneval_metadata.TAGS

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from services.geneval.grid import tag_grid
+from services.geneval.metadata import TAGS
 from services.geneval.prompts import images_per_record
 from trainer import checkpoint as ckpt
 from trainer import children
@@ -39,7 +40,6 @@ from trainer.rewards import RewardSet, RewardUnavailable
 from trainer.rollout import sample, sample_sigmas
 from trainer.run import parse_endpoint, pick_device
 
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TAG_INDICATOR = "geneval/tag/"
 """Prefix of the GenEval service's one-hot tag outputs (grouping indicators, not scores)."""
 
@@ -109,7 +109,7 @@ def summarise(records: list[Record], outputs: dict[str, np.ndarray]) -> dict[str
         tags = {tag: float(np.mean(v)) for tag, v in ordered}
         summary["geneval/per_tag"] = tags
         summary["geneval/images_per_tag"] = {tag: len(v) for tag, v in ordered}
-        present = [tags[t] for t in GENEVAL_TAGS if t in tags]
+        present = [tags[t] for t in TAGS if t in tags]
         summary["geneval/overall"] = float(np.mean(present)) if present else math.nan
     return summary
 

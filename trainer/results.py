@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.evaluate import GENEVAL_TAGS
+from services.geneval.metadata import TAGS as GENEVAL_TAGS
 
 CURVES = (
     # Symmetric log: the ratio is often exactly 0, which a log axis cannot show; linear below 0.05, which
