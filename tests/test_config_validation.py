@@ -87,8 +87,29 @@ def test_the_trainer_refuses_a_bad_value_before_loading_anything(tmp_path: Path)
         (["--max-buffered-request-bytes", "1000"], "max_buffered_request_bytes (1000) must be >="),
         (["--max-concurrent-rpcs", "0"], "max_concurrent_rpcs must be >= 1"),
         (["--max-pixels-per-request", "10"], "must be >= the per-image max_pixels"),
+        (["--max-request-bytes", "10"], "max_request_bytes must be >= 1024, got 10"),
+        (["--max-images-per-request", "0"], "max_images_per_request must be >= 1, got 0"),
     ],
 )
 def test_server_flags_are_validated_before_binding(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         serve.config_from_args(serve.parse_args(["compressibility", *flags]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-request-bytes", "10"], "max_request_bytes must be >= 1024, got 10"),
+        (["--max-pixels", "0"], "max_pixels and max_side must be >= 1"),
+        (["--max-batch-images", "0"], "max_batch_images must be >= 1, got 0"),
+        (["--max-delay-ms", "-5"], "max_delay_ms must be >= 0, got -5.0"),
+    ],
+)
+def test_torchserve_builder_flags_are_validated(
+    flags: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    from services.torchserve.__main__ import main as torchserve_main
+
+    assert torchserve_main(["build", "compressibility", "--tiny", "--out", str(tmp_path), *flags]) != 0
+    assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+    assert not list(tmp_path.iterdir())  # no archive written

@@ -39,6 +39,12 @@ class ImageLimits:
     max_side: int = 16384
     """Largest accepted height or width."""
 
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.max_side < 1:
+            raise ValueError(
+                f"max_pixels and max_side must be >= 1, got {self.max_pixels} and {self.max_side}"
+            )
+
 
 Reserve = Callable[[int], None]
 """Called with an image's pixel count once its size is known and before its pixels are allocated; it

@@ -17,6 +17,9 @@ from services.core.runner import JobResult
 from services.core.scorer import ModelIdentity, ScoreBatch, Scorer
 from services.core.wire import WireRequest
 
+MIN_REQUEST_BYTES = 1024
+"""Smallest accepted ``max_request_bytes``: below it not even a 16x16 raw image fits a request."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class RequestLimits:
@@ -36,6 +39,16 @@ class RequestLimits:
     image: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
+        for name, least in (
+            ("max_images_per_request", 1),
+            ("max_request_bytes", MIN_REQUEST_BYTES),
+            ("max_prompt_chars", 0),
+            ("max_metadata_chars", 0),
+            ("max_group_id_chars", 0),
+            ("max_pixels_per_request", 1),
+        ):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.max_pixels_per_request < self.image.max_pixels:
             raise ValueError(
                 f"max_pixels_per_request ({self.max_pixels_per_request}) must be >= the per-image "

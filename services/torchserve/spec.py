@@ -50,6 +50,7 @@ class ArchiveSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        self.limits()  # the request limits validate themselves, as on the gRPC server
 
     def limits(self) -> RequestLimits:
         return RequestLimits(
