@@ -34,6 +34,13 @@ print("\n".join(requirements))
 EOF
 
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt
+# ultralytics pulls opencv-python, whose cv2 needs libGL and glib, which the slim runtime lacks (the prod
+# GenEval detector would fail to import). The headless build of the same version provides the same cv2.
+RUN if pip show opencv-python >/dev/null 2>&1; then \
+        version="$(python -c 'import importlib.metadata as m; print(m.version("opencv-python"))')" \
+        && pip uninstall -y opencv-python \
+        && pip install --no-deps "opencv-python-headless==$version"; \
+    fi
 COPY protos protos
 COPY services services
 COPY shapes shapes
@@ -97,6 +104,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     YOLO_CONFIG_DIR=/cache/ultralytics \
     YOLO_OFFLINE=1
 WORKDIR /app
+# Every scorer's modules import in the runtime image itself (no libGL here): a missing system library
+# fails the build, not a pod at start.
+# (Only where the scorers' libraries are installed: the `models` extra.)
+RUN python -c "import importlib.util as u, services.registry as r; u.find_spec('ultralytics') and r.import_all()"
 USER 10001:10001
 EXPOSE 50051 9464
 ENTRYPOINT ["e2po-entrypoint"]

@@ -47,3 +47,12 @@ def build_scorer(
 ) -> Scorer:
     # Options are passed only when given, so scorers without options keep a three-keyword build().
     return scorer_class(name).build(checkpoint=checkpoint, tiny=tiny, device=device, **options)
+
+
+def import_all() -> None:
+    """Import every scorer's modules, the GenEval detectors' included (ultralytics, hence OpenCV): the
+    image build runs this in the runtime stage, so a system library it lacks fails the build, not a pod."""
+    for name in SCORERS:
+        scorer_class(name)
+    coco_class_names = importlib.import_module("services.geneval.detectors.yolo").coco_class_names
+    coco_class_names()  # imports ultralytics offline, as the detector does, and with it OpenCV
