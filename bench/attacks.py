@@ -41,6 +41,7 @@ from bench.common import load_average, percentile_ms, print_table, write_results
 from bench.processes import read_line_with_prefix, stop
 from protos import reward_pb2
 from services.core.codec import PNG, encode_raw
+from services.core.metadata_keys import bearer
 from services.core.server import READY_PREFIX
 from services.core.wire import SCORE_METHOD, SCORE_STREAM_METHOD, varint
 
@@ -67,10 +68,6 @@ def png_bomb(side: int) -> bytes:
 
 def _one_sample(image: reward_pb2.Image) -> bytes:
     return reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image=image, prompt="p")]).SerializeToString()
-
-
-def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 @dataclass
@@ -159,7 +156,7 @@ class Victim:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                await score(body, metadata=_bearer(TOKEN), timeout=30)
+                await score(body, metadata=bearer(TOKEN), timeout=30)
                 self.latencies.append(time.perf_counter() - started)
             except grpc.aio.AioRpcError as exc:
                 self.errors.append(exc.code().name)
@@ -178,11 +175,11 @@ async def _send(channel: grpc.aio.Channel, attack: Attack) -> tuple[str, float]:
     started = time.perf_counter()
     try:
         if attack.stream:
-            call = channel.stream_unary(SCORE_STREAM_METHOD)(metadata=_bearer(attack.token), timeout=120)
+            call = channel.stream_unary(SCORE_STREAM_METHOD)(metadata=bearer(attack.token), timeout=120)
             await call.write(attack.body)
             await call  # never sends another part: the server's idle timeout or limits end it
         else:
-            await channel.unary_unary(SCORE_METHOD)(attack.body, metadata=_bearer(attack.token), timeout=120)
+            await channel.unary_unary(SCORE_METHOD)(attack.body, metadata=bearer(attack.token), timeout=120)
         code = "OK"
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name

@@ -30,6 +30,7 @@ import torch
 
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.codec import as_hwc_uint8, encode_file_bytes
+from services.core.metadata_keys import CLIENT_KEY, RETRY_AFTER_KEY, bearer
 from services.core.packing import pack_groups
 from services.core.tls import handshake_failure, load_ca, load_key_pair
 from services.core.wire import (
@@ -40,8 +41,6 @@ from services.core.wire import (
     serialize_parts,
 )
 
-RETRY_AFTER_KEY = "retry-after-ms"
-CLIENT_KEY = "x-e2po-client"
 TOKEN_ENV = "E2PO_REWARD_TOKEN"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 STREAM_PART_BYTES = 4 * 1024 * 1024
@@ -138,9 +137,7 @@ class RewardClient:
         self.stream_part_bytes = stream_part_bytes
         # Without auth the server queues fairly by this name; with auth, by the token's name.
         name = client_name or f"{socket.gethostname()}:{os.getpid()}"
-        self._metadata: tuple[tuple[str, str], ...] = ((CLIENT_KEY, name),)
-        if token:
-            self._metadata += (("authorization", f"Bearer {token}"),)
+        self._metadata: tuple[tuple[str, str], ...] = ((CLIENT_KEY, name), *bearer(token))
         self._semaphore = asyncio.Semaphore(max_concurrent_requests)
         options = [
             ("grpc.max_send_message_length", max_chunk_bytes + 4 * 1024 * 1024),

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.metadata_keys import AUTHORIZATION_KEY
+
 EntrySpec = tuple[str, str, frozenset[str] | None] | tuple[str, str, frozenset[str] | None, float | None]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MIN_TOKEN_CHARS = 16
@@ -104,7 +106,7 @@ class TokenAuthenticator:
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], model: str) -> Principal:
         """Return the caller's principal or raise AuthError (never says which part was wrong)."""
-        header = next((str(v) for k, v in metadata if k == "authorization"), None)
+        header = next((str(v) for k, v in metadata if k == AUTHORIZATION_KEY), None)
         if header is None:
             raise AuthError("missing 'authorization: Bearer <token>' metadata")
         scheme, _, token = header.partition(" ")

@@ -22,6 +22,7 @@ from services.core.auth import AuthError, Principal, TokenAuthenticator
 from services.core.batcher import BatcherClosed, DeadlineExpired, FairBatcher, QueueFull
 from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, BudgetExhausted, PixelBudget, Reservation
 from services.core.codec import Reserve
+from services.core.metadata_keys import CLIENT_KEY, RETRY_AFTER_KEY
 from services.core.metrics import ServerMetrics
 from services.core.packing import pack_groups
 from services.core.quota import QuotaExceeded, QuotaLimiter
@@ -39,13 +40,6 @@ from services.core.scorer import ScoreBatch, Scorer
 from services.core.wire import ReadBounds, RequestTooLarge, WireRequest, WireSample, parse_request
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_KEY = "retry-after-ms"
-CLIENT_KEY = "x-e2po-client"
-"""Metadata naming the caller on a server without auth; it keys the fairness queue only.
-
-Channels to the same target share one HTTP/2 connection inside a gRPC process, so the peer address
-cannot tell two trainers in one process apart; with auth on, the token's name is used instead."""
 
 
 INLINE_PARSE_BYTES = 1024 * 1024

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 
 from protos import reward_pb2
+from services.core.metadata_keys import bearer
 from services.torchserve.wire import read_reply
 
 INFERENCE_CLASS = "org/pytorch/serve/grpc/inference/Inference.class"
@@ -144,7 +145,7 @@ class InferenceClient:
 
     def __init__(self, channel: grpc.Channel, token: str | None = None) -> None:
         api = inference_api()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer(token)
         self._predictions = channel.unary_unary(
             f"/{SERVICE}/Predictions",
             request_serializer=lambda m: m.SerializeToString(),
