@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d_batch.active_window_ms,
         help="a client counts as active this long after its last answer",
     )
+    p.add_argument(
+        "--retry-grace-ms",
+        type=float,
+        default=d_batch.retry_grace_ms,
+        help="a request refused for a full server queue keeps its place in line this long past its hint",
+    )
     p.add_argument("--max-images-per-request", type=int, default=d_req.max_images_per_request)
     p.add_argument("--max-request-bytes", type=int, default=d_req.max_request_bytes)
     p.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
@@ -187,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_job_images=args.max_job_images,
             contention_latency_slack=args.contention_latency_slack,
             active_window_ms=args.active_window_ms,
+            retry_grace_ms=args.retry_grace_ms,
         ),
         limits=RequestLimits(
             max_images_per_request=args.max_images_per_request,

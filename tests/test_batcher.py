@@ -313,6 +313,67 @@ def test_queue_bounds_refuse_with_retry_hint_and_spare_other_clients() -> None:
     run(main())
 
 
+def test_a_request_refused_for_a_full_server_queue_keeps_its_place_for_the_retry() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2, max_delay_ms=0, max_queued_images_per_client=4, max_queued_images=4
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", [("a0", 2)]))
+        await asyncio.sleep(0.05)  # in the model, no longer queued
+        waiting = asyncio.ensure_future(batcher.submit("a", [("a1", 2), ("a2", 2)]))  # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="server queue full") as refused:
+            batcher.check_admission("late", 2)
+        assert refused.value.retry_after_s > 0
+        model.gate.set()
+        await asyncio.gather(running, waiting)
+        # Room for 4 again. "late" holds 2 of them: a newcomer asking for 3 must wait behind it ...
+        with pytest.raises(QueueFull, match="2 held for earlier refused requests"):
+            batcher.check_admission("newcomer", 3)
+        # ... one asking for 2 fits beside it, and "late" itself is admitted into its place.
+        batcher.check_admission("newcomer", 2)
+        assert await batcher.submit("late", [("l0", 2)]) == ["L0"]
+        # Its place is used up: the newcomer's 3 images fit now.
+        assert await batcher.submit("newcomer", [("n0", 3)]) == ["N0"]
+        await batcher.close()
+
+    run(main())
+
+
+def test_a_place_in_line_lapses_when_its_client_does_not_retry() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2,
+            max_delay_ms=0,
+            max_queued_images_per_client=2,
+            max_queued_images=2,
+            retry_grace_ms=50,
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", [("a0", 2)]))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit("a", [("a1", 2)]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as refused:
+            batcher.check_admission("gone", 2)
+        model.gate.set()
+        await asyncio.gather(running, waiting)
+        with pytest.raises(QueueFull, match="2 held"):  # "gone" may still come back
+            batcher.check_admission("other", 2)
+        await asyncio.sleep(refused.value.retry_after_s + 0.1)  # past its hint and the 50 ms grace
+        assert await batcher.submit("other", [("o0", 2)]) == ["O0"]
+        await batcher.close()
+
+    run(main())
+
+
 def test_all_or_nothing_admission_and_oversized_job_runs_alone() -> None:
     async def main() -> None:
         model = Model()

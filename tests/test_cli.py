@@ -177,12 +177,14 @@ def test_serve_rejects_bad_flags() -> None:
 
 def test_batching_flags_reach_the_batcher_config() -> None:
     flags = ["--max-job-images", "2", "--contention-latency-slack", "0.5", "--active-window-ms", "40"]
+    flags += ["--retry-grace-ms", "250"]
     batcher = config_from_args(parse_args(["compressibility", *flags])).batcher
-    assert (batcher.max_job_images, batcher.contention_latency_slack, batcher.active_window_ms) == (
-        2,
-        0.5,
-        40,
-    )
+    assert (
+        batcher.max_job_images,
+        batcher.contention_latency_slack,
+        batcher.active_window_ms,
+        batcher.retry_grace_ms,
+    ) == (2, 0.5, 40, 250)
     off = config_from_args(parse_args(["compressibility", "--contention-latency-slack", "none"])).batcher
     assert off.contention_latency_slack is None
     assert config_from_args(parse_args(["compressibility"])).batcher == BatcherConfig()

@@ -3,7 +3,8 @@
 Every request is tagged (each image's prompt names client, request and image) and filled with its own
 pixel value, so the test can check that the scorer saw every accepted image exactly once and that each
 answer carries that request's own scores. Queue-full answers must carry a retry hint; retrying after
-it must eventually succeed. No other status may appear.
+it must succeed within a few tries, because a refused request keeps its place in line. No other status
+may appear.
 """
 
 from __future__ import annotations
@@ -175,11 +176,6 @@ def test_load_16_clients_x_200_requests(full_load: tuple[LoadStats, dict]) -> No
 
 
 @pytest.mark.reliability
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/reliability.md): a request refused for a full server queue competes again on "
-    "retry, so on an idle 2-core machine one request needs ~80 tries and p99 is ~300x the quiet p99",
-)
 def test_retries_after_a_full_queue_are_fair(full_load: tuple[LoadStats, dict]) -> None:
     _, numbers = full_load
     assert numbers["max_tries_for_one_request"] <= MAX_TRIES_BOUND, numbers

@@ -19,8 +19,10 @@ Fair order alone cannot stop a flood from delaying a small client, because a bat
 while clients contend, batches holding a flood's work are kept short (:mod:`services.core.contention`),
 sized by a cost model learnt from the batches run (:mod:`services.core.batch_cost`).
 
-Queues are bounded per client and in total; a job whose caller went away (cancelled) or whose deadline
-passed is dropped before it reaches the model. The model runs in a worker thread so the event loop keeps
+Queues are bounded per client and in total; a request refused because the whole queue was full keeps
+a place in line for its retry (:mod:`services.core.waitlist`), so the room that frees goes to it and not
+to whoever asks next. A job whose caller went away (cancelled) or whose deadline passed is dropped
+before it reaches the model. The model runs in a worker thread so the event loop keeps
 decoding and queueing the next requests meanwhile.
 """
 
@@ -37,6 +39,7 @@ from typing import Generic, Protocol, TypeVar
 
 from services.core.batch_cost import BatchCostModel
 from services.core.contention import ContentionTracker
+from services.core.waitlist import Waitlist
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,6 +74,9 @@ class BatcherConfig:
     answer. Set it above the think time of the clients to protect; a flood keeps short batches for
     this long after such a client's last answer. Measured in ``docs/benchmarks.md`` §3: with 100 ms, a
     client pausing 0.3 s between requests saw 6.3x its solo p99 under a flood, 1.7x with 1 s."""
+    retry_grace_ms: float = 1000.0
+    """A request refused for a full server queue keeps its place in line this long past its retry
+    hint; a client that has not retried by then loses it (and the room it held is freed)."""
 
     @property
     def job_images(self) -> int:
@@ -90,6 +96,8 @@ class BatcherConfig:
             )
         if self.active_window_ms < 0:
             raise ValueError(f"active_window_ms must be >= 0, got {self.active_window_ms}")
+        if self.retry_grace_ms < 0:
+            raise ValueError(f"retry_grace_ms must be >= 0, got {self.retry_grace_ms}")
         if not 1 <= self.max_queued_images_per_client <= self.max_queued_images:
             raise ValueError(
                 "need 1 <= max_queued_images_per_client <= max_queued_images, got "
@@ -167,6 +175,7 @@ class FairBatcher(Generic[T, R]):
         self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
         self._model_free_since = float("-inf")  # loop time the last batch ended
         self._cost = BatchCostModel()
+        self._waitlist = Waitlist(grace_s=self.config.retry_grace_ms / 1000.0)
         slack = self.config.contention_latency_slack
         self._contention = (
             None
@@ -197,9 +206,10 @@ class FairBatcher(Generic[T, R]):
         if not jobs:
             return []
         total = sum(size for _, size in jobs)
-        self._admit(client, total)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        self._admit(client, total, now)
+        self._waitlist.release(client)
         deadline = None if timeout_s is None else now + timeout_s
         queue = self._queues.get(client)
         if not queue:
@@ -230,8 +240,11 @@ class FairBatcher(Generic[T, R]):
                 self._contention.request_finished(client, loop.time())
 
     def check_admission(self, client: str, num_images: int) -> None:
-        """Raise QueueFull (or ValueError if it can never fit) without queueing anything."""
-        self._admit(client, num_images)
+        """Raise QueueFull (or ValueError if it can never fit) without queueing anything.
+
+        A refusal for a full server queue takes the client's place in line, as in :meth:`submit`.
+        """
+        self._admit(client, num_images, asyncio.get_running_loop().time())
 
     def estimated_wait_s(self) -> float:
         """Time the model needs for everything queued now, at its measured speed (a retry hint)."""
@@ -251,7 +264,7 @@ class FairBatcher(Generic[T, R]):
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def _admit(self, client: str, num_images: int) -> None:
+    def _admit(self, client: str, num_images: int, now: float) -> None:
         cfg = self.config
         if num_images > cfg.max_queued_images_per_client:
             raise ValueError(
@@ -265,11 +278,15 @@ class FairBatcher(Generic[T, R]):
                 f"{cfg.max_queued_images_per_client}",
                 self._retry_after(mine),
             )
-        if self._total_queued + num_images > cfg.max_queued_images:
+        held = self._waitlist.ahead_of(client, now)
+        excess = self._total_queued + held + num_images - cfg.max_queued_images
+        if excess > 0:
+            retry_after_s = self._retry_after(excess)  # until the model has made room for this one
+            self._waitlist.hold(client, num_images, retry_after_s, now)
             raise QueueFull(
-                f"server queue full: {self._total_queued} images waiting + {num_images} requested > "
-                f"{cfg.max_queued_images}",
-                self._retry_after(self._total_queued),
+                f"server queue full: {self._total_queued} images waiting + {held} held for earlier "
+                f"refused requests + {num_images} requested > {cfg.max_queued_images}",
+                retry_after_s,
             )
 
     def _retry_after(self, images_ahead: int) -> float:

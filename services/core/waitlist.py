@@ -1,0 +1,64 @@
+"""Places kept for requests refused because the whole server queue was full.
+
+Without them a refused request competes again on retry with every other client's next request, and
+closed-loop clients, which send their next request the moment they are answered, take the room a batch
+frees before any retry arrives: on a 2-core machine one request needed 86 tries under 16 clients, and
+p99 latency was 300x the quiet p99. A refusal therefore takes a place in line, per client, holding the
+number of images it asked for: room that frees goes to the places in the order they were taken, and a
+request from anyone else is admitted only into room no earlier place is waiting for.
+
+A place lapses if its client does not come back within its retry hint plus ``grace_s`` (it gave up, or
+its deadline passed), so a departed client blocks its room for at most that long. One place per client:
+all of the client's calls share it, and whichever is admitted first uses it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Place:
+    images: int
+    expires: float
+
+
+class Waitlist:
+    """Clients waiting for room in the server queue, first refused first served."""
+
+    def __init__(self, grace_s: float) -> None:
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+        self.grace_s = grace_s
+        self._places: dict[str, _Place] = {}  # insertion order is the order in line
+
+    def ahead_of(self, client: str, now: float) -> int:
+        """Images held for the places ahead of ``client``'s (all of them if it holds none)."""
+        self._expire(now)
+        images = 0
+        for holder, place in self._places.items():
+            if holder == client:
+                break
+            images += place.images
+        return images
+
+    def hold(self, client: str, images: int, retry_after_s: float, now: float) -> None:
+        """Keep (or take, at the back) ``client``'s place for ``images`` until its retry is due."""
+        expires = now + retry_after_s + self.grace_s
+        place = self._places.get(client)
+        if place is None:
+            self._places[client] = _Place(images, expires)
+        else:  # a retry that is refused again keeps its place in line
+            place.images = max(place.images, images)
+            place.expires = max(place.expires, expires)
+
+    def release(self, client: str) -> None:
+        """The client was admitted: its place is used up."""
+        self._places.pop(client, None)
+
+    def __len__(self) -> int:
+        return len(self._places)
+
+    def _expire(self, now: float) -> None:
+        for client in [c for c, p in self._places.items() if p.expires <= now]:
+            del self._places[client]
