@@ -175,7 +175,9 @@ class FairBatcher(Generic[T, R]):
         self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
         self._model_free_since = float("-inf")  # loop time the last batch ended
         self._cost = BatchCostModel()
-        self._waitlist = Waitlist(grace_s=self.config.retry_grace_ms / 1000.0)
+        self._waitlist = Waitlist(
+            grace_s=self.config.retry_grace_ms / 1000.0, capacity=self.config.max_queued_images
+        )
         slack = self.config.contention_latency_slack
         self._contention = (
             None

@@ -9,7 +9,9 @@ request from anyone else is admitted only into room no earlier place is waiting 
 
 A place lapses if its client does not come back within its retry hint plus ``grace_s`` (it gave up, or
 its deadline passed), so a departed client blocks its room for at most that long. One place per client:
-all of the client's calls share it, and whichever is admitted first uses it up.
+all of the client's calls share it, and whichever is admitted first uses it up. The places together
+hold at most ``capacity`` images (one full server queue); a refusal past that takes no place, so names
+made up by a caller can delay others by at most one queue's worth, as queueing real requests could.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ class _Place:
 class Waitlist:
     """Clients waiting for room in the server queue, first refused first served."""
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, capacity: int) -> None:
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
         self.grace_s = grace_s
+        self.capacity = capacity
         self._places: dict[str, _Place] = {}  # insertion order is the order in line
 
     def ahead_of(self, client: str, now: float) -> int:
@@ -47,7 +50,8 @@ class Waitlist:
         expires = now + retry_after_s + self.grace_s
         place = self._places.get(client)
         if place is None:
-            self._places[client] = _Place(images, expires)
+            if sum(p.images for p in self._places.values()) + images <= self.capacity:
+                self._places[client] = _Place(images, expires)
         else:  # a retry that is refused again keeps its place in line
             place.images = max(place.images, images)
             place.expires = max(place.expires, expires)
