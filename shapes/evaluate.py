@@ -51,6 +51,8 @@ class EvalConfig:
 
     num_steps: int = 40
     """Euler steps (E2PO Table 3: 40 inference steps)."""
+    shift: float | None = None
+    """Timestep shift of the σ grid; None = the one the prior was trained with (its scheduler config)."""
     images_per_prompt: int = 4
     """Images per test prompt (GenEval: 4)."""
     min_images_per_tag: int = 64
@@ -232,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
     parser.add_argument("--steps", type=int, default=defaults.num_steps)
+    parser.add_argument(
+        "--shift", type=float, default=None, help="sample on this timestep shift (default: the prior's own)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
     parser.add_argument("--min-images-per-tag", type=int, default=defaults.min_images_per_tag)
@@ -242,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = EvalConfig(
         num_steps=args.steps,
+        shift=args.shift,
         seed=args.seed,
         images_per_prompt=args.images_per_prompt,
         min_images_per_tag=args.min_images_per_tag,
@@ -250,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(config.num_threads)
     manifest = read_manifest(args.model) or {}
     split_seed = manifest.get("pretrain", {}).get("split_seed", 0)
-    model = load_shapes_model(args.model)
+    model = load_shapes_model(args.model, shift=config.shift)
     result, images, records, correct = evaluate_model(model, heldout_records(split_seed), config)
     print(result.table())
     print(
-        f"({sum(result.num_images.values())} images, {config.num_steps} Euler steps, seed {config.seed}, "
+        f"({sum(result.num_images.values())} images, {config.num_steps} Euler steps at shift "
+        f"{model.scheduler.config.shift:g}, seed {config.seed}, "
         f"{result.seconds:.0f} s)"
     )
     if args.out is not None:

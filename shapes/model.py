@@ -288,10 +288,24 @@ def weight_checksums(path: str | Path) -> dict[str, str]:
     }
 
 
+def load_scheduler(path: str | Path, shift: float | None = None) -> FlowMatchEulerDiscreteScheduler:
+    """The saved flow-matching scheduler, with its timestep shift replaced when ``shift`` is given."""
+    overrides = {} if shift is None else {"shift": shift}
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, **overrides)
+
+
 def load_shapes_model(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shift: float | None = None,
 ) -> ShapesModel:
-    """Load a shapes pipeline directory (weights cast to ``dtype``, modules in eval mode)."""
+    """Load a shapes pipeline directory (weights cast to ``dtype``, modules in eval mode).
+
+    ``shift`` replaces the scheduler's timestep shift (None keeps the saved one), to sample a prior on
+    another σ grid than it was trained on, e.g. SD3.5-M's 3.0.
+    """
     root = Path(path)
     if not (root / "transformer").is_dir():
         raise ValueError(f"{root} is not a shapes pipeline directory: it has no transformer/ sub-folder.")
@@ -303,7 +317,7 @@ def load_shapes_model(
     tokenizers = [CLIPTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
     model = ShapesModel(
         transformer=transformer.to(device).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        scheduler=load_scheduler(root / "scheduler", shift),
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         text_encoder=text_encoders[0].to(device).eval(),

@@ -1,6 +1,6 @@
 """How much a shapes prior listens to each text encoder — the property E2PO's CLIP-L perturbation relies on.
 
-    python -m shapes.sensitivity [--model DIR] [--prompts 48] [--json out.json]
+    python -m shapes.sensitivity [--model DIR] [--prompts 48] [--set perturb.max_norm=0.125 ...] [--json F]
 
 SD3 trains with independent dropout of each text encoder, so either encoder alone conditions SD3.5-M; E2PO
 perturbs only CLIP-L. On held-out prompts, at shared noises, with the ``shapes`` preset's rollout (Euler,
@@ -13,9 +13,13 @@ its step count, the noise-aware schedule), this measures:
 * **Perturbation vs noise** — the preset's optimised CLIP-L perturbations (``trainer.perturb``, K − 1 per
   prompt): pixel RMS of each perturbed sample to the anchor sample at the same noise, against the RMS
   between two noises under the anchor condition; and the share of (prompt, noise) cells whose reward is
-  the same across all K conditions (ties, which give E2PO's groups no signal).
+  the same across all K conditions (ties, which give E2PO's groups no signal). Also which constraint
+  binds: the share of content tokens whose δ sits at the max-norm bound, and the share of variants
+  whose cos-to-anchor reached μ ± ε.
 
-Pixels are in [0, 1]. Everything is seeded; the numbers are those of ``--seed``.
+``--set section.field=value`` changes the preset as ``trainer.run`` does (the perturbation's bound,
+T_emb, μ, λ_div; ``model.scheduler_shift`` for another σ grid). Pixels are in [0, 1]. Everything is
+seeded; the numbers are those of ``--seed``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ from shapes.model import read_manifest
 from shapes.pretrain import reexec_with_passive_openmp
 from trainer.config import build_config
 from trainer.model import FlowModel, load_model
-from trainer.perturb import perturb_prompts, sample_initial_deltas
+from trainer.perturb import (
+    PerturbConfig,
+    PerturbResult,
+    perturb_prompts,
+    resolve_max_norm,
+    sample_initial_deltas,
+)
 from trainer.rollout import sample, sample_sigmas
+from trainer.sampler import perturbation_weight
 from trainer.text import Conditioning
 
 
@@ -66,9 +77,26 @@ def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt((diff**2).reshape(len(a), -1).mean(axis=1))
 
 
-def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
-    cfg = build_config("shapes")
-    cfg.model.path = str(model_dir)
+def binding(result: PerturbResult, config: PerturbConfig) -> dict[str, float]:
+    """Which constraint holds the perturbation back: the norm ball, or the anchor band μ ± ε."""
+    token_embeds = result.perturbed_embeds.to(result.deltas.dtype) - result.deltas
+    bounds = resolve_max_norm(token_embeds[:, 0], result.mask, config)  # (P,)
+    content = result.mask[:, None, :].expand_as(result.delta_norm)
+    at_bound = result.delta_norm >= 0.99 * bounds[:, None, None]
+    token_norms = token_embeds[:, 0].norm(dim=-1)[result.mask]
+    in_band = (result.cos_to_anchor - config.anchor_mu).abs() <= config.anchor_eps
+    return {
+        "token_norm_mean": float(token_norms.mean()),
+        "bound_mean": float(bounds.mean()),
+        "tokens_at_bound": float(at_bound[content].float().mean()),
+        "cos_to_anchor_min": float(result.cos_to_anchor.min()),
+        "cos_to_anchor_max": float(result.cos_to_anchor.max()),
+        "variants_in_anchor_band": float(in_band.float().mean()),
+    }
+
+
+def measure(model_dir: Path, num_prompts: int, seed: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    cfg = build_config("shapes", overrides=[f"model.path={model_dir}", *overrides])
     model = load_model(cfg.model, "cpu")
     rollout = cfg.rollout
     split_seed = (read_manifest(model_dir) or {}).get("pretrain", {}).get("split_seed", 0)
@@ -99,7 +127,17 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
     anchor = run(c_orig, noises[0])
     anchor_results = geneval_results(anchor, records)
     anchor_reward = np.array([result.score for result in anchor_results])
-    out: dict[str, Any] = {"model": str(model_dir), "prompts": len(prompts), "seed": seed}
+    out: dict[str, Any] = {
+        "model": str(model_dir),
+        "prompts": len(prompts),
+        "seed": seed,
+        "overrides": list(overrides),
+        "scheduler_shift": float(model.scheduler.config.shift),
+        "perturbed_steps": rollout.num_steps
+        if rollout.schedule == "static"
+        else int((perturbation_weight(sigmas[:-1], rollout.rho) > 0).sum()),
+        "steps": rollout.num_steps,
+    }
     for which in ("l", "g"):
         swapped = run(swap_encoder(c_orig, c_donor, model, which), noises[0])
         out[f"swap_clip_{which}"] = {
@@ -124,7 +162,11 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
         "variants_per_prompt": variants,
         "max_norm_mode": cfg.perturb.max_norm_mode,
         "max_norm": cfg.perturb.max_norm,
+        "num_steps": cfg.perturb.num_steps,
+        "anchor_mu": cfg.perturb.anchor_mu,
+        "lambda_div": cfg.perturb.lambda_div,
         "cos_to_anchor_mean": float(result.cos_to_anchor.mean()),
+        **binding(result, cfg.perturb),
         "pixel_rms_to_anchor_same_noise": float(np.mean(perturbed_rms)),
         "pixel_rms_between_noises": float(between_noises.mean()),
         "ties_across_k": float(np.mean(np.all(np.stack(tie_rows) == tie_rows[0], axis=0))),
@@ -137,7 +179,9 @@ def measure(model_dir: Path, num_prompts: int, seed: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     p = result["perturbation"]
     rows = [
-        f"model {result['model']}: {result['prompts']} held-out prompts, seed {result['seed']}",
+        f"model {result['model']}: {result['prompts']} held-out prompts, seed {result['seed']}, "
+        f"shift {result['scheduler_shift']:g} (perturbed on {result['perturbed_steps']} of "
+        f"{result['steps']} steps), overrides {result['overrides'] or 'none'}",
         f"anchor samples: reward {result['anchor_reward_mean']:.3f}, "
         f"GenEval-shapes overall {result['anchor_correct']:.3f}",
         f"swap CLIP-L: rewards changed {result['swap_clip_l']['reward_changed']:.3f}, "
@@ -148,6 +192,10 @@ def table(result: dict[str, Any]) -> str:
         f"cos to anchor {p['cos_to_anchor_mean']:.3f}, pixel RMS at a shared noise "
         f"{p['pixel_rms_to_anchor_same_noise']:.4f} vs {p['pixel_rms_between_noises']:.4f} between noises, "
         f"ties across K {p['ties_across_k']:.3f}",
+        f"binding: CLIP-L content-token norm {p['token_norm_mean']:.3f}, bound {p['bound_mean']:.4f} per "
+        f"token, tokens at the bound {p['tokens_at_bound']:.3f}; cos to anchor "
+        f"{p['cos_to_anchor_min']:.3f}..{p['cos_to_anchor_max']:.3f}, variants within "
+        f"mu {p['anchor_mu']} +- eps {p['variants_in_anchor_band']:.3f}",
     ]
     return "\n".join(rows)
 
@@ -161,9 +209,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts to measure on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a preset field"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = measure(args.model, args.prompts, args.seed)
+    try:
+        result = measure(args.model, args.prompts, args.seed, args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -63,9 +63,15 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """LoRA target modules (REFERENCE §2); suffix match also covers SD3.5's dual-attention attn2.*."""
     gradient_checkpointing: bool = False
+    scheduler_shift: float | None = None
+    """Timestep shift of the σ grid the rollouts run on. None keeps the model's own scheduler config
+    (SD3.5-M: 3.0; the shapes prior: 1.0, what it was trained with); a value replaces it, e.g. 3.0 to run
+    the shapes prior on SD3.5-M's grid, where the noise-aware schedule perturbs 7 of 10 steps, not 4."""
 
     def __post_init__(self) -> None:
         _check_literals("model", self)
+        if self.scheduler_shift is not None:
+            _positive("model", self, "scheduler_shift")
         _check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
         _positive("model", self, "max_sequence_length", strict=False)
         _positive("model", self, "resolution", "lora_rank", "lora_alpha")

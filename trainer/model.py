@@ -114,7 +114,8 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowM
     check_pipeline_dir(path)
     dtype = DTYPES[config.dtype]
     transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    shift = {} if config.scheduler_shift is None else {"shift": config.scheduler_shift}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **shift)
     text_kwargs = {}
     if config.use_t5 and _has(path, "text_encoder_3") is not False:
         from transformers import T5EncoderModel, T5TokenizerFast
