@@ -22,6 +22,8 @@ BAD_OVERRIDES = {
     "model.dtype=float8": "'float8' is not one of",
     "model.path=": "model.path = '' is out of range",
     "data.num_prompts=0": "data.num_prompts = 0 is out of range: must be > 0",
+    "data.train_tags=colors,colours": "data.train_tags = ('colors', 'colours') is out of range: must be Gen",
+    "model.scheduler_shift=0": "model.scheduler_shift = 0.0 is out of range: must be > 0",
     "perturb.max_norm=-1": "max_norm must be > 0, got -1.0",
     "perturb.lr=0": "lr must be > 0",
     "rollout.num_noises=0": "rollout.num_noises = 0 is out of range: must be > 0",

@@ -1,4 +1,4 @@
-"""The study report's exploration statistic, on crafted reward logs."""
+"""The study report's statistics on crafted logs: ties across K, bootstrap intervals, pairing, onset."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import json
 import math
 from pathlib import Path
 
-from trainer.results import equal_across_conditions
+import numpy as np
+import pytest
+
+from trainer.results import (
+    bootstrap_interval,
+    collapse_onset,
+    equal_across_conditions,
+    held_out,
+    paired_differences,
+    ties_per_iteration,
+)
 
 
 def write_rewards(path: Path, rows: list[tuple[int, str, int, int, float]]) -> Path:
@@ -39,3 +49,44 @@ def test_cells_whose_conditions_all_tie_are_counted(tmp_path: Path):
 def test_one_condition_per_noise_has_no_cells(tmp_path: Path):
     rows = [(1, "a", g, 0, 0.0) for g in range(4)] + [(1, "a", g, 0, 0.0) for g in range(4)]  # a drawn twice
     assert math.isnan(equal_across_conditions(write_rewards(tmp_path / "r.jsonl", rows)))
+
+
+def test_ties_per_iteration_splits_the_same_cells_by_iteration(tmp_path: Path):
+    rows = [
+        (1, "a", 0, 0, 0.5), (1, "a", 0, 1, 0.5),  # tie
+        (1, "a", 1, 0, 0.0), (1, "a", 1, 1, 1.0),  # no tie
+        (2, "a", 0, 0, 1.0), (2, "a", 0, 1, 1.0),  # tie
+    ]  # fmt: skip
+    path = write_rewards(tmp_path / "r.jsonl", rows)
+    assert ties_per_iteration(path) == {"1": 0.5, "2": 1.0}
+    assert equal_across_conditions(path) == 2 / 3
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(0.05, 0.02, 8), rng.normal(0.05, 0.02, 200)
+    mean, low, high = bootstrap_interval(few)
+    assert low < mean < high and mean == pytest.approx(few.mean())
+    # Independent check: the bootstrap interval of a mean is close to mean ± 1.96 · sd / sqrt(n).
+    _, low_many, high_many = bootstrap_interval(many)
+    half = 1.96 * many.std() / np.sqrt(many.size)
+    assert (high_many - low_many) / 2 == pytest.approx(half, rel=0.1)
+    assert high_many - low_many < high - low
+    assert bootstrap_interval(few) == bootstrap_interval(few)  # seeded
+
+
+def test_paired_differences_match_seeds_and_skip_unpaired():
+    run = lambda seed, value: {"seed": seed, "eval": {"geneval/overall": value}}  # noqa: E731
+    ours = [run(0, 0.30), run(1, 0.25), run(2, 0.40)]
+    theirs = [run(1, 0.20), run(0, 0.10)]
+    assert paired_differences(ours, theirs, held_out) == pytest.approx([0.20, 0.05])
+
+
+def test_collapse_onset_is_the_first_smoothed_crossing():
+    def run(ratios):
+        return {"metrics": [{"iteration": i + 1, "zero_std_ratio": r} for i, r in enumerate(ratios)]}
+
+    # A lone spike (0.6 next to zeros: smoothed 0.2) is not a collapse; iteration 6 is the first whose
+    # three-iteration mean (0.3 + 0.3 + 0.4) / 3 reaches 0.3.
+    assert collapse_onset(run([0.0, 0.6, 0.0, 0.0, 0.3, 0.3, 0.4])) == 6
+    assert collapse_onset(run([0.1] * 10)) is None

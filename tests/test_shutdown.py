@@ -73,8 +73,8 @@ def test_sigkill_to_the_trainer_still_ends_its_local_reward_service(workdir: Pat
 
 def test_sigterm_to_the_study_stops_its_trainer_and_service(workdir: Path) -> None:
     cmd = _python(
-        "trainer.experiments", "reproduce", "--out", str(workdir / "study"), "--seeds", "1",
-        "--iterations", "50", "--only", "main",
+        "trainer.experiments", "reproduce", "--out", str(workdir / "study"), "--results",
+        str(workdir / "results"), "--seeds", "1", "--extra-seeds", "0", "--iterations", "50",
     )  # fmt: skip
     proc = _signal_and_check(cmd, "trainer.run", signal.SIGTERM, workdir)
     assert proc.returncode == 128 + signal.SIGTERM

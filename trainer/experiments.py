@@ -1,31 +1,42 @@
-"""The shapes-world study of E2PO vs DiffusionNFT at equal samples per prompt (paper Fig. 2/5/6/7, Table 1).
+"""The shapes-world studies: the paper's Table 1 comparison, and ablations of E2PO's parts.
 
-    python -m trainer.experiments reproduce [--seeds 3] [--iterations 25] [--out runs/reproduce]
-    python -m trainer.experiments report [--out runs/reproduce] [--doc docs/results.md]
+    python -m trainer.experiments reproduce [--study table1] [--seeds 8] [--extra-seeds 3]
+    python -m trainer.experiments report [--study table1] [--doc docs/results.md]
 
 ``reproduce`` runs every arm as an ordinary ``python -m trainer.run`` (so what is measured is the
 product, not a special path), all against one locally started GenEval service with the exact shapes
 detector, then evaluates each run's EMA weights on the held-out prompts (40-step ODE, several samples
-per prompt for diversity). It is resumable at any point: finished runs are skipped, interrupted ones
-continue from their last checkpoint. ``report`` turns the run directories into plots and tables.
+per prompt for diversity). It is resumable at any point: a finished run is skipped, an interrupted one
+continues from its last checkpoint. Each finished run's compact results (its config, per-iteration
+metrics, ties across K, held-out evaluation) are copied to ``results/STUDY/ARM/seed-N/``, the part to
+commit; ``report`` reads only that folder, so docs/results.md and its plots regenerate from git.
+
+A seed fixes the prompts and their order for every arm (``run.seed``), so arms are paired by seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import children
+from trainer.results import equal_across_conditions, ties_per_iteration
 from trainer.rewards import LocalService
+
+RESULTS = Path("results")
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration of the study: a name, the NFT-baseline switch and config overrides."""
+    """One configuration of a study: a name, the NFT-baseline switch and config overrides."""
 
     name: str
     label: str
@@ -33,61 +44,98 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
-# Samples per prompt are G·K = 16 in every arm, as are prompts per iteration and iterations.
-MAIN = (
-    Arm("nft", "DiffusionNFT (G=16, K=1)", baseline=True),
-    Arm("e2po", "E2PO (G=4, K=4)"),
-)
-ABLATIONS = (
-    # Perturbation size: the preset's relative max-norm 0.2 leaves cos-to-anchor ≈ 0.92 (above μ = 0.8) and
-    # moves images by ~0.005 RMS at a shared noise (docs/results.md); larger bounds test whether E2PO
-    # helps once its perturbations change what is generated.
-    Arm("norm-1.0", "E2PO max-norm 1.0 (relative)", overrides=("perturb.max_norm=1.0",)),
-    Arm("norm-0.5", "E2PO max-norm 0.5 (relative)", overrides=("perturb.max_norm=0.5",)),
-    Arm("gk-1x16", "E2PO G=1, K=16", overrides=("rollout.num_noises=1", "rollout.num_conditions=16")),
-    Arm("gk-2x8", "E2PO G=2, K=8", overrides=("rollout.num_noises=2", "rollout.num_conditions=8")),
-    Arm("gk-8x2", "E2PO G=8, K=2", overrides=("rollout.num_noises=8", "rollout.num_conditions=2")),
-    Arm("static", "E2PO static perturbation (no ρ schedule)", overrides=("rollout.schedule=static",)),
-    Arm("no-anchor", "E2PO without C_orig in the batch", overrides=("rollout.include_original=false",)),
-    Arm("lambda-0", "E2PO λ_div = 0", overrides=("perturb.lambda_div=0",)),
-    Arm("lambda-100", "E2PO λ_div = 100", overrides=("perturb.lambda_div=100",)),
-)
-ARMS = {arm.name: arm for arm in MAIN + ABLATIONS}
+@dataclass(frozen=True)
+class Study:
+    """Arms run on every seed, extra arms on fewer, all from one preset for the same iterations."""
 
+    name: str
+    preset: str
+    iterations: int
+    arms: tuple[Arm, ...]
+    seeds: int
+    extra_arms: tuple[Arm, ...] = ()
+    extra_seeds: int = 0
+    comparisons: tuple[tuple[str, str], ...] = ()
+    """(arm, against) pairs whose per-seed differences the report gives with bootstrap intervals."""
+    eval_samples: int = 4
 
-def run_dir(out: Path, arm: Arm, seed: int) -> Path:
-    return out / arm.name / f"seed-{seed}"
-
-
-def train_command(arm: Arm, seed: int, iterations: int, directory: Path, endpoint: str) -> list[str]:
-    reward = f"geneval={endpoint},output=geneval/score"
-    if (directory / "checkpoints" / "latest").exists():
-        return [
-            sys.executable,
-            "-m",
-            "trainer.run",
-            "--resume",
-            str(directory),
-            "--iterations",
-            str(iterations),
-            "--reward-endpoint",
-            reward,
+    def plan(self, seeds: int | None = None, extra_seeds: int | None = None) -> list[tuple[Arm, int]]:
+        """(arm, seed) runs in order: seed-major, so an interrupted study holds whole seeds of every arm
+        (paired comparisons), the main arms first."""
+        main = range(self.seeds if seeds is None else seeds)
+        extra = range(self.extra_seeds if extra_seeds is None else extra_seeds)
+        return [(arm, s) for s in main for arm in self.arms] + [
+            (arm, s) for s in extra for arm in self.extra_arms
         ]
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in (*self.arms, *self.extra_arms) if a.name == name)
+
+
+E2PO_G4K4 = Arm("e2po-g4k4", "E2PO (G=4, K=4)")
+NFT_G4 = Arm("nft-g4", "DiffusionNFT (G=4, K=1): same noises", overrides=("rollout.num_conditions=1",))
+NFT_G16 = Arm("nft-g16", "DiffusionNFT (G=16, K=1): same samples", baseline=True)
+
+TABLE1 = Study(
+    name="table1",
+    preset="shapes-collapse",
+    iterations=24,
+    arms=(NFT_G4, NFT_G16, E2PO_G4K4),
+    seeds=8,
+    extra_arms=(
+        Arm("e2po-g4k2", "E2PO (G=4, K=2)", overrides=("rollout.num_conditions=2",)),
+        Arm("e2po-g4k8", "E2PO (G=4, K=8)", overrides=("rollout.num_conditions=8",)),
+    ),
+    extra_seeds=3,
+    comparisons=(("e2po-g4k4", "nft-g4"), ("e2po-g4k4", "nft-g16")),
+)
+
+ABLATIONS = Study(
+    name="ablations",
+    preset="shapes",
+    iterations=25,
+    arms=(
+        Arm("nft-g16", "DiffusionNFT (G=16, K=1)", baseline=True),
+        Arm("e2po-g4k4", "E2PO (G=4, K=4)"),
+        # Perturbation size: the larger relative bounds test whether E2PO helps once its perturbations
+        # change what is generated.
+        Arm("norm-1.0", "E2PO max-norm 1.0 (relative)", overrides=("perturb.max_norm=1.0",)),
+        Arm("norm-0.5", "E2PO max-norm 0.5 (relative)", overrides=("perturb.max_norm=0.5",)),
+        Arm("gk-1x16", "E2PO G=1, K=16", overrides=("rollout.num_noises=1", "rollout.num_conditions=16")),
+        Arm("gk-2x8", "E2PO G=2, K=8", overrides=("rollout.num_noises=2", "rollout.num_conditions=8")),
+        Arm("gk-8x2", "E2PO G=8, K=2", overrides=("rollout.num_noises=8", "rollout.num_conditions=2")),
+        Arm("static", "E2PO static perturbation (no ρ schedule)", overrides=("rollout.schedule=static",)),
+        Arm("no-anchor", "E2PO without C_orig in the batch", overrides=("rollout.include_original=false",)),
+        Arm("lambda-0", "E2PO λ_div = 0", overrides=("perturb.lambda_div=0",)),
+        Arm("lambda-100", "E2PO λ_div = 100", overrides=("perturb.lambda_div=100",)),
+    ),
+    seeds=1,
+    comparisons=(("e2po-g4k4", "nft-g16"),),
+)
+
+STUDIES = {study.name: study for study in (TABLE1, ABLATIONS)}
+
+
+def run_dir(out: Path, study: Study, arm: Arm, seed: int) -> Path:
+    return out / study.name / arm.name / f"seed-{seed}"
+
+
+def train_command(study: Study, arm: Arm, seed: int, directory: Path, endpoint: str) -> list[str]:
+    reward = ["--reward-endpoint", f"geneval={endpoint},output=geneval/score"]
+    iterations = ["--iterations", str(study.iterations)]
+    if (directory / "checkpoints" / "latest").exists():
+        return [sys.executable, "-m", "trainer.run", "--resume", str(directory), *iterations, *reward]
     cmd = [
         sys.executable,
         "-m",
         "trainer.run",
         "--preset",
-        "shapes",
-        "--iterations",
-        str(iterations),
+        study.preset,
+        *iterations,
         "--out",
         str(directory),
-        "--reward-endpoint",
-        reward,
-        "--set",
-        f"run.seed={seed}",
     ]
+    cmd += [*reward, "--set", f"run.seed={seed}"]
     if arm.baseline:
         cmd += ["--baseline", "nft"]
     for item in arm.overrides:
@@ -109,19 +157,71 @@ def eval_command(directory: Path, endpoint: str, samples: int) -> list[str]:
     ]
 
 
-def reproduce(out: Path, plan: list[tuple[Arm, list[int]]], iterations: int, eval_samples: int) -> None:
+def collect(directory: Path, destination: Path) -> None:
+    """Copy a finished run's compact results (a few hundred kB) to ``destination``, written last-file-last
+    so a folder with ``eval.json`` is complete."""
+    staging = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy(directory / "config.json", staging / "config.json")
+    shutil.copy(directory / "metrics.jsonl", staging / "metrics.jsonl")
+    rewards = directory / "rewards.jsonl"
+    ties = {
+        "equal_across_k": equal_across_conditions(rewards),
+        "per_iteration": ties_per_iteration(rewards),
+    }
+    (staging / "ties.json").write_text(json.dumps(ties, indent=1) + "\n")
+    shutil.copy(directory / "eval" / "results.json", staging / "eval.json")
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+
+
+def code_commit() -> dict[str, object]:
+    """The commit the study's code is at, and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
+def record_code(results: Path, study: Study) -> None:
+    """results/STUDY/study.json: the code commit and machine every run of the study was made with (frozen
+    when the study's first run starts; a later start on other code warns)."""
+    path = results / study.name / "study.json"
+    now = code_commit()
+    if path.exists():
+        frozen = json.loads(path.read_text())
+        if frozen["commit"] != now["commit"] or now["dirty"]:
+            print(
+                f"warning: {path} froze the study at {frozen['commit'][:10]}; the code is now at "
+                f"{now['commit'][:10]}{' with changes' if now['dirty'] else ''}",
+                file=sys.stderr,
+            )
+        return
+    machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"study": study.name, "preset": study.preset, **now, **machine}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def reproduce(study: Study, plan: list[tuple[Arm, int]], out: Path, results: Path) -> None:
+    record_code(results, study)
     service = LocalService("geneval", ["--detector", "shapes"])
     endpoint = asyncio.run(service.start())
     try:
-        for arm, seeds in plan:
-            for seed in seeds:
-                directory = run_dir(out, arm, seed)
-                if (directory / "eval" / "results.json").exists():
-                    print(f"[done] {arm.name} seed {seed}", flush=True)
-                    continue
-                print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
-                children.run(train_command(arm, seed, iterations, directory, endpoint))
-                children.run(eval_command(directory, endpoint, eval_samples), stdout=subprocess.DEVNULL)
+        for arm, seed in plan:
+            destination = run_dir(results, study, arm, seed)
+            if (destination / "eval.json").exists():
+                print(f"[done] {arm.name} seed {seed}", flush=True)
+                continue
+            directory = run_dir(out, study, arm, seed)
+            print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
+            children.run(train_command(study, arm, seed, directory, endpoint))
+            children.run(eval_command(directory, endpoint, study.eval_samples), stdout=subprocess.DEVNULL)
+            collect(directory, destination)
+            print(f"[results] {destination}", flush=True)
     finally:
         service.stop()
 
@@ -129,33 +229,33 @@ def reproduce(out: Path, plan: list[tuple[Arm, list[int]]], iterations: int, eva
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.experiments", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="train and evaluate every arm (resumable)")
-    rep.add_argument("--out", type=Path, default=Path("runs/reproduce"))
-    rep.add_argument(
-        "--seeds", type=int, default=3, help="seeds for the main comparison (ablations use seed 0)"
-    )
-    rep.add_argument(
-        "--iterations", type=int, default=25, help="per run (25 × ~20 s: main study ≈ 1 h on 2 cores)"
-    )
-    rep.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt")
-    rep.add_argument("--only", choices=["main", "ablations", "all"], default="all")
+    rep = sub.add_parser("reproduce", help="train, evaluate and collect every run of a study (resumable)")
+    rep.add_argument("--study", choices=sorted(STUDIES), default="table1")
+    rep.add_argument("--out", type=Path, default=Path("runs/studies"), help="run directories (not committed)")
+    rep.add_argument("--results", type=Path, default=RESULTS, help="compact results (committed)")
+    rep.add_argument("--seeds", type=int, help="seeds of the main arms (default: the study's)")
+    rep.add_argument("--extra-seeds", type=int, help="seeds of the extra arms (default: the study's)")
+    rep.add_argument("--iterations", type=int, help="per run (default: the study's)")
     rep.add_argument("--arm", action="append", default=[], help="run only these arms (by name)")
-    report = sub.add_parser("report", help="plots and tables from the run directories")
-    report.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    report = sub.add_parser("report", help="docs/results.md and its plots from the committed results")
+    report.add_argument("--study", choices=sorted(STUDIES), default="table1")
+    report.add_argument("--results", type=Path, default=RESULTS)
     report.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     report.add_argument("--img", type=Path, default=Path("docs/img"))
     args = p.parse_args(argv)
+    study = STUDIES[args.study]
     if args.command == "reproduce":
-        plan: list[tuple[Arm, list[int]]] = []
-        if args.only in ("main", "all"):
-            plan += [(arm, list(range(args.seeds))) for arm in MAIN]
-        if args.only in ("ablations", "all"):
-            plan += [(arm, [0]) for arm in ABLATIONS]
+        if args.iterations is not None:
+            study = Study(**{**study.__dict__, "iterations": args.iterations})
+        plan = study.plan(args.seeds, args.extra_seeds)
         if args.arm:
-            plan = [(arm, seeds) for arm, seeds in plan if arm.name in args.arm]
+            unknown = set(args.arm) - {arm.name for arm in (*study.arms, *study.extra_arms)}
+            if unknown:
+                p.error(f"no arm {sorted(unknown)} in study {study.name}")
+            plan = [(arm, seed) for arm, seed in plan if arm.name in args.arm]
         children.stop_on_sigterm()
         try:
-            reproduce(args.out, plan, args.iterations, args.eval_samples)
+            reproduce(study, plan, args.out, args.results)
         except KeyboardInterrupt:
             print(
                 f"stopped; finished runs are kept, rerun the same command to continue ({args.out})",
@@ -165,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.results import write_report
 
-    write_report(args.out, args.doc, args.img, main=MAIN, ablations=ABLATIONS)
+    write_report(study, args.results, args.doc, args.img)
     return 0
 
 

@@ -43,7 +43,7 @@ from trainer.nft import (
     optimality_probability,
 )
 from trainer.perturb import PerturbResult, perturb_prompts, sample_initial_deltas
-from trainer.prompts import PromptStream, Record, load_records, reward_metadata
+from trainer.prompts import PromptStream, Record, load_records, reward_metadata, with_tags
 from trainer.rewards import RewardSet
 from trainer.rollout import (
     RolloutPlan,
@@ -137,9 +137,8 @@ class Trainer:
         # Every random number of the algorithm is drawn from a generator keyed by what it is for
         # (trainer.seeding): independent of the device and of the rank layout, and replayed on resume.
         self.seed = config.run.seed
-        self.stream = PromptStream(
-            load_records(config.data.train, "train"), seed=config.run.seed, balance_by_tag=True
-        )
+        records = with_tags(load_records(config.data.train, "train"), config.data.train_tags)
+        self.stream = PromptStream(records, seed=config.run.seed, balance_by_tag=True)
         self.iteration = 0
         self.global_step = 0
         if resume is not None:

@@ -37,6 +37,16 @@ def load_records(source: str, split: str, seed: int = 0) -> list[Record]:
     return records
 
 
+def with_tags(records: Sequence[Record], tags: Sequence[str]) -> list[Record]:
+    """The records whose GenEval tag is one of ``tags`` (all of them when ``tags`` is empty)."""
+    if not tags:
+        return list(records)
+    chosen = [r for r in records if r.get("tag") in tags]
+    if not chosen:
+        raise ValueError(f"no training prompt has a tag in {list(tags)}")
+    return chosen
+
+
 class PromptStream:
     """An endless, reproducible stream of records, optionally balanced across GenEval tags.
 

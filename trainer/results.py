@@ -1,51 +1,73 @@
-"""Turn the study's run directories into docs/results.md: curves with seed bands, eval and ablation tables."""
+"""Turn a study's committed results into docs/results.md: curves with seed bands, per-tag tables, paired
+differences with bootstrap intervals, and the mechanism (ties across K, onset of collapse)."""
 
 from __future__ import annotations
 
 import json
-import platform
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from services.geneval.metadata import TAGS as GENEVAL_TAGS
 
+if TYPE_CHECKING:
+    from trainer.experiments import Arm, Study
+
+COLLAPSE_THRESHOLD = 0.3
+"""Zero-std ratio at which a run counts as collapsed (the paper's Fig. 2 situation)."""
+BOOTSTRAP_RESAMPLES = 10_000
+
 CURVES = (
-    # Symmetric log: the ratio is often exactly 0, which a log axis cannot show; linear below 0.05, which
-    # is below the smallest non-zero ratio of an 8-prompt iteration (1/8).
-    (
-        "zero_std_ratio",
-        "zero-std ratio (fraction of prompt groups with identical rewards)",
-        {"value": "symlog", "linthresh": 0.05},
-    ),
-    ("group_std_mean", "mean group reward std", {"value": "log"}),
-    ("reward_mean", "training reward (GenEval-shapes partial credit)", {"value": "linear"}),
+    ("zero_std_ratio", "zero-std ratio (prompt groups with identical rewards)"),
+    ("reward_mean", "training reward (GenEval-shapes partial credit)"),
+    ("group_std_mean", "mean group reward std"),
+    ("ties", "same reward across K (share of (prompt, noise) cells)"),
 )
 
+Run = dict[str, Any]
 
-def load_runs(out: Path, arm: Any) -> list[dict[str, Any]]:
-    """Every finished seed of an arm: metrics rows, eval summary, training seconds."""
-    runs = []
-    for directory in sorted((out / arm.name).glob("seed-*")):
-        results = directory / "eval" / "results.json"
-        metrics = directory / "metrics.jsonl"
-        if not results.exists() or not metrics.exists():
-            continue
-        rewards = directory / "rewards.jsonl"
-        metrics_rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        runs.append(
-            {
-                "seed": int(directory.name.removeprefix("seed-")),
-                "metrics": metrics_rows,
-                "eval": json.loads(results.read_text()),
-                "train_seconds": train_seconds(metrics_rows),
-                "equal_across_k": equal_across_conditions(rewards) if rewards.exists() else float("nan"),
-            }
-        )
-    return runs
+
+# -- reading the logs ---------------------------------------------------------------------------------
+
+
+def _read_rewards(rewards_jsonl: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in rewards_jsonl.read_text().splitlines() if line.strip()]
+
+
+def _tied_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, int], bool] | None:
+    """(iteration, cell) → whether the cell's K samples all got the same reward; None for K = 1.
+
+    The G×K grid shares each noise across the K conditions; when the perturbations do not change what is
+    generated enough to change the reward, a cell contributes one reward K times and the group has fewer
+    effective samples than G·K. Samples are numbered prompt-major, (prompt·G + noise)·K + condition, so a
+    cell is sample // K (a prompt drawn twice in one iteration still gives two cells)."""
+    num_conditions = 1 + max((row["condition"] for row in rows), default=0)
+    if num_conditions < 2:
+        return None
+    cells: dict[tuple[int, int], set[float]] = defaultdict(set)
+    for row in rows:
+        cells[row["iteration"], row["sample"] // num_conditions].add(row["reward"])
+    return {key: len(rewards) == 1 for key, rewards in cells.items()}
+
+
+def equal_across_conditions(rewards_jsonl: Path) -> float:
+    """Fraction of (iteration, prompt, noise) cells whose K samples all got the same reward; NaN for K = 1."""
+    tied = _tied_cells(_read_rewards(rewards_jsonl))
+    return float("nan") if tied is None else sum(tied.values()) / len(tied)
+
+
+def ties_per_iteration(rewards_jsonl: Path) -> dict[str, float]:
+    """The same share per iteration (keys are iteration numbers as text, for JSON); {} for K = 1."""
+    tied = _tied_cells(_read_rewards(rewards_jsonl))
+    if tied is None:
+        return {}
+    per: dict[int, list[bool]] = defaultdict(list)
+    for (iteration, _), value in tied.items():
+        per[iteration].append(value)
+    return {str(i): sum(v) / len(v) for i, v in sorted(per.items())}
 
 
 def train_seconds(metrics: Sequence[dict[str, Any]]) -> float:
@@ -54,48 +76,176 @@ def train_seconds(metrics: Sequence[dict[str, Any]]) -> float:
     return float(sum(row["time/iteration"] for row in metrics))
 
 
-def equal_across_conditions(rewards_jsonl: Path) -> float:
-    """Fraction of (iteration, prompt, noise) cells whose K samples all got the same reward.
+def load_runs(results: Path, study_name: str, arm: Arm) -> list[Run]:
+    """Every collected seed of an arm (a folder with eval.json is complete), in seed order."""
+    runs = []
+    for directory in (results / study_name / arm.name).glob("seed-*"):
+        if not (directory / "eval.json").exists():
+            continue
+        metrics = [
+            json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line
+        ]
+        ties = json.loads((directory / "ties.json").read_text())
+        for row in metrics:
+            row["ties"] = ties["per_iteration"].get(str(row["iteration"]), np.nan)
+        runs.append(
+            {
+                "seed": int(directory.name.removeprefix("seed-")),
+                "metrics": metrics,
+                "eval": json.loads((directory / "eval.json").read_text()),
+                "config": json.loads((directory / "config.json").read_text()),
+                "ties": ties["equal_across_k"],
+                "train_seconds": train_seconds(metrics),
+            }
+        )
+    return sorted(runs, key=lambda r: r["seed"])
 
-    The G×K grid shares each noise across the K conditions; when the perturbations do not change what is
-    generated enough to change the reward, a cell contributes one reward K times and the group has fewer
-    effective samples than G·K. Samples are numbered prompt-major, (prompt·G + noise)·K + condition, so a
-    cell is sample // K (a prompt drawn twice in one iteration still gives two cells). NaN for K = 1."""
-    rows = [json.loads(line) for line in rewards_jsonl.read_text().splitlines() if line.strip()]
-    num_conditions = 1 + max((row["condition"] for row in rows), default=0)
-    if num_conditions < 2:
-        return float("nan")
-    cells: dict[tuple[int, int], set[float]] = defaultdict(set)
-    for row in rows:
-        cells[row["iteration"], row["sample"] // num_conditions].add(row["reward"])
-    return sum(len(rewards) == 1 for rewards in cells.values()) / len(cells)
+
+# -- statistics -----------------------------------------------------------------------------------------
 
 
-def curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, values (seeds, iterations)) truncated to the shortest run."""
-    length = min(len(r["metrics"]) for r in runs)
-    xs = np.array([row["iteration"] for row in runs[0]["metrics"][:length]])
-    ys = np.array([[row.get(key, np.nan) for row in r["metrics"][:length]] for r in runs], dtype=float)
-    return xs, ys
+def bootstrap_interval(
+    values: Sequence[float], *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile bootstrap interval (resampling the values).
+
+    For paired differences the values are the per-seed differences, so the interval is that of the mean
+    paired difference. Seeded: the same values always give the same interval."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(data.mean()), float(low), float(high)
 
 
-def plot_curves(groups: dict[str, tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+def tail_mean(run: Run, key: str, last: int = 5) -> float:
+    """The mean of ``key`` over a run's last ``last`` iterations (NaN where it was never logged)."""
+    values = [row[key] for row in run["metrics"][-last:] if key in row and row[key] == row[key]]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def collapse_onset(run: Run, threshold: float = COLLAPSE_THRESHOLD) -> int | None:
+    """First iteration whose zero-std ratio, averaged with its two neighbours, reaches ``threshold``."""
+    ratios = np.array([row["zero_std_ratio"] for row in run["metrics"]], dtype=float)
+    if ratios.size == 0:
+        return None
+    smooth = np.convolve(np.pad(ratios, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    hits = np.flatnonzero(smooth >= threshold)
+    return int(run["metrics"][hits[0]]["iteration"]) if hits.size else None
+
+
+def held_out(run: Run, tag: str | None = None) -> float:
+    if tag is None:
+        return float(run["eval"].get("geneval/overall", np.nan))
+    return float(run["eval"].get("geneval/per_tag", {}).get(tag, np.nan))
+
+
+MEASURES: tuple[tuple[str, Callable[[Run], float]], ...] = (
+    ("held-out GenEval overall", held_out),
+    *((f"held-out {tag}", lambda run, tag=tag: held_out(run, tag)) for tag in GENEVAL_TAGS),
+    ("training reward (last 5 it.)", lambda run: tail_mean(run, "reward_mean")),
+    ("zero-std ratio (last 5 it.)", lambda run: tail_mean(run, "zero_std_ratio")),
+    ("pixel diversity", lambda run: float(run["eval"].get("diversity/pixel_rms", np.nan))),
+    ("layout diversity", lambda run: float(run["eval"].get("diversity/layout", np.nan))),
+)
+
+
+def paired_differences(runs: list[Run], against: list[Run], measure: Callable[[Run], float]) -> list[float]:
+    """measure(run) − measure(run of ``against`` with the same seed), over the seeds both have."""
+    by_seed = {r["seed"]: r for r in against}
+    return [measure(r) - measure(by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+
+
+# -- tables and plots -----------------------------------------------------------------------------------
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def eval_table(groups: dict[str, tuple[str, list[Run]]]) -> str:
+    header = (
+        "| method | seeds | " + " | ".join(GENEVAL_TAGS) + " | overall | pixel diversity | layout diversity |"
+    )
+    lines = [header, "|" + " --- |" * (len(GENEVAL_TAGS) + 5)]
+    for label, runs in groups.values():
+        cells = [_mean_sd([held_out(r, t) for r in runs]) for t in GENEVAL_TAGS]
+        cells.append(_mean_sd([held_out(r) for r in runs]))
+        cells += [
+            _mean_sd([float(r["eval"].get(k, np.nan)) for r in runs])
+            for k in ("diversity/pixel_rms", "diversity/layout")
+        ]
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_table(groups: dict[str, tuple[str, list[Run]]]) -> str:
+    lines = [
+        "| method | reward (first 5 it.) | reward (last 5 it.) | zero-std (first 5) | zero-std (last 5) "
+        f"| collapsed (zero-std ≥ {COLLAPSE_THRESHOLD}) | onset iteration | group std (last 5) "
+        "| cos to anchor | same reward across K | train time / run |",
+        "|" + " --- |" * 11,
+    ]
+    for label, runs in groups.values():
+        first = [float(np.mean([row["reward_mean"] for row in r["metrics"][:5]])) for r in runs]
+        first_zero = [float(np.mean([row["zero_std_ratio"] for row in r["metrics"][:5]])) for r in runs]
+        onsets = [collapse_onset(r) for r in runs]
+        hit = [o for o in onsets if o is not None]
+        lines.append(
+            f"| {label} | {_mean_sd(first)} | {_mean_sd([tail_mean(r, 'reward_mean') for r in runs])} | "
+            f"{_mean_sd(first_zero)} | {_mean_sd([tail_mean(r, 'zero_std_ratio') for r in runs])} | "
+            f"{len(hit)} of {len(runs)} | {f'{np.median(hit):.0f} (median)' if hit else '–'} | "
+            f"{_mean_sd([tail_mean(r, 'group_std_mean') for r in runs])} | "
+            f"{_mean_sd([tail_mean(r, 'perturb/cos_anchor_mean', last=len(r['metrics'])) for r in runs])} | "
+            f"{_mean_sd([r['ties'] for r in runs])} | "
+            f"{np.mean([r['train_seconds'] for r in runs]) / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def differences_table(study: Study, loaded: dict[str, list[Run]]) -> str:
+    lines = ["| measure | " + " | ".join(f"{a} − {b}" for a, b in study.comparisons) + " |"]
+    lines.append("|" + " --- |" * (len(study.comparisons) + 1))
+    for name, measure in MEASURES:
+        cells = []
+        for arm, against in study.comparisons:
+            diffs = paired_differences(loaded[arm], loaded[against], measure)
+            mean, low, high = bootstrap_interval([d for d in diffs if d == d])
+            cells.append("–" if mean != mean else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5.2 * len(CURVES), 3.6))
-    for ax, (key, title, yscale) in zip(axes, CURVES, strict=True):
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.6 * len(CURVES), 3.6))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
         for label, runs in groups.values():
-            xs, ys = curve(runs, key)
-            mean = np.nanmean(ys, axis=0)
-            (line,) = ax.plot(xs, mean, label=label)
+            length = min(len(r["metrics"]) for r in runs)
+            xs = np.array([row["iteration"] for row in runs[0]["metrics"][:length]])
+            ys = np.array(
+                [[row.get(key, np.nan) for row in r["metrics"][:length]] for r in runs], dtype=float
+            )
+            if np.all(np.isnan(ys)):
+                continue
+            mean, sd = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)
+            (line,) = ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
             if len(runs) > 1:
-                ax.fill_between(
-                    xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), alpha=0.2, color=line.get_color()
-                )
-        ax.set_yscale(**yscale)
+                ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2, color=line.get_color())
+        if key == "zero_std_ratio":
+            ax.axhline(COLLAPSE_THRESHOLD, color="grey", lw=0.8, ls="--")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -106,116 +256,57 @@ def plot_curves(groups: dict[str, tuple[str, list[dict[str, Any]]]], path: Path)
     plt.close(fig)
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
-def _tail(runs: list[dict[str, Any]], key: str, last: int = 5) -> list[float]:
-    """Per run, the mean of ``key`` over its last ``last`` iterations (NaN where it was never logged)."""
-    out = []
-    for run in runs:
-        values = [row[key] for row in run["metrics"][-last:] if key in row]
-        out.append(float(np.mean(values)) if values else float("nan"))
-    return out
-
-
-def eval_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
-    header = (
-        "| method | seeds | " + " | ".join(GENEVAL_TAGS) + " | overall | pixel diversity | layout diversity |"
-    )
-    lines = [header, "|" + " --- |" * (len(GENEVAL_TAGS) + 5)]
-    for label, runs in groups.values():
-        cells = [
-            _mean_std([r["eval"].get("geneval/per_tag", {}).get(t, np.nan) for r in runs])
-            for t in GENEVAL_TAGS
-        ]
-        cells.append(_mean_std([r["eval"].get("geneval/overall", np.nan) for r in runs]))
-        cells.append(_mean_std([r["eval"].get("diversity/pixel_rms", np.nan) for r in runs]))
-        cells.append(_mean_std([r["eval"].get("diversity/layout", np.nan) for r in runs]))
-        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def training_table(groups: dict[str, tuple[str, list[dict[str, Any]]]]) -> str:
-    lines = [
-        "| method | reward (first 5 it.) | reward (last 5 it.) | zero-std (first 5) | zero-std (last 5) | "
-        "group std (last 5) | cos to anchor | same reward across K | held-out GenEval | train time / run |",
-        "|" + " --- |" * 10,
-    ]
-    for label, runs in groups.values():
-        first = [float(np.mean([row["reward_mean"] for row in r["metrics"][:5]])) for r in runs]
-        first_zero = [float(np.mean([row["zero_std_ratio"] for row in r["metrics"][:5]])) for r in runs]
-        lines.append(
-            f"| {label} | {_mean_std(first)} | {_mean_std(_tail(runs, 'reward_mean'))} | "
-            f"{_mean_std(first_zero)} | "
-            f"{_mean_std(_tail(runs, 'zero_std_ratio'))} | {_mean_std(_tail(runs, 'group_std_mean'))} | "
-            f"{_mean_std(_tail(runs, 'perturb/cos_anchor_mean', last=len(runs[0]['metrics'])))} | "
-            f"{_mean_std([r['equal_across_k'] for r in runs])} | "
-            f"{_mean_std([r['eval'].get('geneval/overall', np.nan) for r in runs])} | "
-            f"{np.mean([r['train_seconds'] for r in runs]) / 60:.1f} min |"
-        )
-    return "\n".join(lines)
-
-
-def write_report(out: Path, doc: Path, img: Path, *, main: Sequence[Any], ablations: Sequence[Any]) -> None:
-    # Each run's logs are read once (rewards.jsonl is ~1 MB a run).
-    loaded = {arm.name: load_runs(out, arm) for arm in (*main, *ablations)}
-    main_groups = {arm.name: (arm.label, runs) for arm in main if (runs := loaded[arm.name])}
-    if not main_groups:
-        raise SystemExit(f"no finished runs under {out}")
-    plot_curves(main_groups, img / "results_curves.png")
-    seed0 = {
-        name: (label, [r for r in runs if r["seed"] == 0]) for name, (label, runs) in main_groups.items()
-    }
-    ablation_groups = {k: v for k, v in seed0.items() if v[1]}
-    ablation_groups.update({arm.name: (arm.label, runs) for arm in ablations if (runs := loaded[arm.name])})
-    iterations = len(next(iter(main_groups.values()))[1][0]["metrics"])
-    config = json.loads((out / main[0].name / "seed-0" / "config.json").read_text())
+def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
+    arms = (*study.arms, *study.extra_arms)
+    loaded = {arm.name: load_runs(results, study.name, arm) for arm in arms}
+    groups = {arm.name: (arm.label, runs) for arm in arms if (runs := loaded[arm.name])}
+    if not groups:
+        raise SystemExit(f"no collected runs under {results / study.name}")
+    frozen = json.loads((results / study.name / "study.json").read_text())
+    plot = img / f"results_{study.name}_curves.png"
+    plot_curves(groups, plot)
+    config = next(iter(groups.values()))[1][0]["config"]
     total_train = sum(r["train_seconds"] for runs in loaded.values() for r in runs)
+    perturb, model = config["perturb"], config["model"]
+    dirty = " (with uncommitted changes)" if frozen["dirty"] else ""
     sections = [
-        "<!-- generated by `python -m trainer.experiments report`; the text above the marker is kept -->",
-        "## Setup (generated)",
-        f"- Machine: {platform.machine()}, {_cpu_count()} CPU cores, no GPU; {total_train / 60:.0f} min of "
-        "training iterations over all runs (the iteration times in each run's metrics.jsonl, so a resumed "
-        "run counts all its parts; loading and the held-out evaluation add about a minute per run).",
-        f"- Every arm: {iterations} iterations × {config['data']['num_prompts']} prompts × "
-        "16 samples per prompt "
-        f"(G·K = 16), {config['rollout']['num_steps']}-step {config['rollout']['sampler']} rollouts, "
-        f"LoRA r {config['model']['lora_rank']}, lr {config['optim']['lr']}, "
-        f"NFT β {config['nft']['nft_beta']}, "
-        f"perturbation max-norm {config['perturb']['max_norm']} ({config['perturb']['max_norm_mode']}), "
-        f"T_emb {config['perturb']['num_steps']}, λ_div {config['perturb']['lambda_div']}.",
-        "- Reward: GenEval partial credit from the GenEval service with the exact shapes detector.",
-        "- Held-out evaluation: EMA weights, 40-step ODE, GenEval correctness per tag; diversity over the "
-        "samples of each held-out prompt: mean pairwise RMS pixel distance, and layout diversity "
-        "(1 − Hungarian-matched box IoU between samples, boxes from the exact detector).",
+        f"<!-- generated by `python -m trainer.experiments report --study {study.name}`; the text above the "
+        "marker is kept -->",
+        f"## Setup (generated from results/{study.name}/)",
+        f"- Code: commit `{frozen['commit'][:10]}`{dirty}, "
+        f"preset `{study.preset}`, {config['run']['iterations']} iterations × "
+        f"{config['data']['num_prompts']} prompts, "
+        f"training tags {', '.join(config['data'].get('train_tags') or ['all'])}; "
+        f"{config['rollout']['num_steps']}-step {config['rollout']['sampler']} rollouts, "
+        f"LoRA r {model['lora_rank']}, lr {config['optim']['lr']}, NFT β {config['nft']['nft_beta']}; "
+        f"σ-grid shift {model.get('scheduler_shift') or 'of the prior'}; perturbation max-norm "
+        f"{perturb['max_norm']} ({perturb['max_norm_mode']}), T_emb {perturb['num_steps']}, "
+        f"μ {perturb['anchor_mu']}, λ_div {perturb['lambda_div']}.",
+        f"- Machine: {frozen.get('machine', '?')}, {frozen.get('cpus', '?')} CPU cores, no GPU; "
+        f"{total_train / 3600:.1f} h of "
+        "training iterations over all runs (each run's metrics.jsonl; evaluation adds about a minute a run).",
+        "- Held-out evaluation: EMA weights, 40-step ODE, GenEval-shapes correctness per tag on every test "
+        "prompt; diversity over each prompt's samples (pixel RMS distance; layout: 1 − matched box IoU).",
+        "- Intervals: 95 % percentile bootstrap of the mean paired (same-seed) difference, "
+        f"{BOOTSTRAP_RESAMPLES:,} resamples.",
         "",
         "## Training dynamics (generated)",
-        "![curves](img/results_curves.png)",
+        f"![curves](img/{plot.name})",
         "",
-        training_table(main_groups),
+        "Bands: ± one standard deviation over seeds.",
+        "",
+        training_table(groups),
         "",
         "## Held-out GenEval-shapes (generated)",
-        eval_table(main_groups),
+        "Mean ± standard deviation over seeds.",
         "",
-        "## Ablations, seed 0 (generated)",
-        training_table(ablation_groups),
+        eval_table(groups),
         "",
-        eval_table(ablation_groups),
+        "## Paired differences (generated)",
+        differences_table(study, loaded),
         "",
     ]
     marker = "<!-- generated by"
     kept = doc.read_text().split(marker)[0].rstrip() + "\n\n" if doc.exists() else "# Results\n\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(kept + "\n".join(sections))
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 0

@@ -1,0 +1,29 @@
+"""Training-prompt selection by GenEval tag (the shapes-collapse preset's training set)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shapes.prompts import PromptSplitConfig, split_prompts
+from trainer.prompts import PromptStream, load_records, with_tags
+
+
+def test_with_tags_keeps_exactly_the_records_of_those_tags():
+    records = load_records("shapes", "train")
+    train, _ = split_prompts(PromptSplitConfig(), 0)
+    expected = sorted(r["prompt"] for r in train if r["tag"] in ("single_object", "colors"))
+    chosen = with_tags(records, ("single_object", "colors"))
+    assert sorted(r["prompt"] for r in chosen) == expected and len(expected) < len(records)
+    assert with_tags(records, ()) == records
+
+
+def test_with_tags_refuses_a_selection_that_leaves_nothing():
+    records = [{"prompt": "a photo of a circle", "tag": "single_object"}]
+    with pytest.raises(ValueError, match="no training prompt has a tag in"):
+        with_tags(records, ("position",))
+
+
+def test_a_balanced_stream_over_two_tags_alternates_them():
+    records = with_tags(load_records("shapes", "train"), ("single_object", "colors"))
+    drawn = PromptStream(records, seed=0, balance_by_tag=True).next(10)
+    assert [r["tag"] for r in drawn] == ["colors", "single_object"] * 5
