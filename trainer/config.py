@@ -352,7 +352,7 @@ def shapes_collapse() -> TrainConfig:
     cfg.perturb = PerturbConfig(
         num_steps=300, max_norm_mode="relative", max_norm=PerturbConfig().max_norm / PAPER_CLIP_L_TOKEN_NORM
     )
-    cfg.run.preset, cfg.run.out, cfg.run.iterations = "shapes-collapse", "runs/shapes-collapse", 24
+    cfg.run.preset, cfg.run.out, cfg.run.iterations = "shapes-collapse", "runs/shapes-collapse", 20
     return cfg
 
 
