@@ -142,7 +142,7 @@ def pickscore(scale: Scale, device: torch.device) -> PickScoreScorer:
         return PickScoreScorer.build(tiny=True, device=str(device))
     from transformers import CLIPConfig, CLIPModel
 
-    from shapes.tokenizer import clip_tokenizer
+    from services.clip_shared.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):

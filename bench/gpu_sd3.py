@@ -326,7 +326,7 @@ def part_nft_style_fp16(scale: Scale) -> dict[str, Any]:
 def part_perturb(scale: Scale) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from shapes.tokenizer import clip_tokenizer
+    from services.clip_shared.tokenizer import clip_tokenizer
     from trainer.perturb import PerturbConfig, content_mask, optimize_perturbations
     from trainer.prompts import load_records
     from trainer.text import token_embeddings_replaced

@@ -18,10 +18,10 @@ from transformers import CLIPConfig, CLIPModel
 from services.aesthetic.head import EMBED_DIM, AestheticHead
 from services.aesthetic.scorer import AestheticScorer
 from services.clip_shared.tiny import seeded
+from services.clip_shared.tokenizer import VOCAB_SIZE
 from services.clip_shared.transforms import IMAGE_SIZE
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, Scorer
 
-CLIP_VOCAB_SIZE = 49408
 BENCH_SEED = 0
 
 VISION = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8}
@@ -32,15 +32,15 @@ def bench_clip_config() -> CLIPConfig:
     """The benchmark CLIP: a ViT-B/32-style image tower; the text tower is minimal (the rating ignores it)."""
     return CLIPConfig(
         text_config={
-            "vocab_size": CLIP_VOCAB_SIZE,
+            "vocab_size": VOCAB_SIZE,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "max_position_embeddings": 77,
-            "bos_token_id": CLIP_VOCAB_SIZE - 2,
-            "eos_token_id": CLIP_VOCAB_SIZE - 1,
-            "pad_token_id": CLIP_VOCAB_SIZE - 1,
+            "bos_token_id": VOCAB_SIZE - 2,
+            "eos_token_id": VOCAB_SIZE - 1,
+            "pad_token_id": VOCAB_SIZE - 1,
         },
         vision_config={**VISION, "image_size": IMAGE_SIZE, "patch_size": 32},
         projection_dim=EMBED_DIM,

@@ -30,8 +30,8 @@ from transformers import (
 )
 
 from bench.common import model_config
+from services.clip_shared.tokenizer import clip_tokenizer
 from shapes.prompts import all_metadata
-from shapes.tokenizer import clip_tokenizer
 from shapes.vocab import TAGS
 
 SCHEDULER_SHIFT = 3.0

@@ -40,6 +40,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from services.clip_shared.tokenizer import END_OF_TEXT, write_clip_tokenizer_files
 from shapes.text import (
     CLIP_G_PAD_TOKEN,
     ClipTextConfig,
@@ -49,7 +50,6 @@ from shapes.text import (
     sd3_condition,
     tokenize,
 )
-from shapes.tokenizer import END_OF_TEXT, write_clip_tokenizer_files
 
 MANIFEST = "manifest.json"
 SHAPES_MAX_LENGTH = 16

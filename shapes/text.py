@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from shapes.tokenizer import VOCAB_SIZE, clip_tokenizer
+from services.clip_shared.tokenizer import VOCAB_SIZE, clip_tokenizer
 
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407

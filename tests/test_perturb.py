@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from shapes.tokenizer import clip_tokenizer
+from services.clip_shared.tokenizer import clip_tokenizer
 from trainer.perturb import (
     PerturbConfig,
     anchor_loss,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import open_clip
 import pytest
 
-from shapes.tokenizer import END_OF_TEXT, VOCAB_SIZE, clip_tokenizer
+from services.clip_shared.tokenizer import END_OF_TEXT, VOCAB_SIZE, clip_tokenizer
 
 PROMPTS = [
     "a photo of a red circle",

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from shapes.tokenizer import clip_tokenizer
+from services.clip_shared.tokenizer import clip_tokenizer
 from trainer.config import ModelConfig
 from trainer.model import FlowModel, assemble
 from trainer.text import SD3TextEncoder

@@ -17,11 +17,11 @@ from transformers import CLIPConfig, CLIPModel
 
 from services.aesthetic.head import EMBED_DIM, HEAD_FILES, AestheticHead, load_head
 from services.clip_shared.tiny import TINY_SEED, seeded
+from services.clip_shared.tokenizer import VOCAB_SIZE
 from services.clip_shared.transforms import IMAGE_SIZE
 from services.clip_shared.weights import hf_weight_files, resolve_hf_dir, weights_sha256
 
 CLIP_ID = "openai/clip-vit-large-patch14"
-CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass(kw_only=True)
@@ -66,15 +66,15 @@ def tiny_config() -> CLIPConfig:
     """A 2-layer, 32-wide CLIP at 224² projecting to 768 dims like ViT-L/14 (its text tower is unused)."""
     return CLIPConfig(
         text_config={
-            "vocab_size": CLIP_VOCAB_SIZE,
+            "vocab_size": VOCAB_SIZE,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "max_position_embeddings": 77,
-            "bos_token_id": CLIP_VOCAB_SIZE - 2,
-            "eos_token_id": CLIP_VOCAB_SIZE - 1,
-            "pad_token_id": CLIP_VOCAB_SIZE - 1,
+            "bos_token_id": VOCAB_SIZE - 2,
+            "eos_token_id": VOCAB_SIZE - 1,
+            "pad_token_id": VOCAB_SIZE - 1,
         },
         vision_config={
             "hidden_size": 32,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.clip_shared.tokenizer import VOCAB_SIZE
 from services.core.hashing import file_sha256
 from services.geneval.metadata import COLORS
 from services.geneval.rules import Detection
@@ -49,7 +50,7 @@ same weights with another activation and silently give other features."""
 TINY_CLIP_KWARGS: dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 28, "patch_size": 14, "width": 32, "head_width": 16, "layers": 2},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": VOCAB_SIZE, "width": 32, "heads": 2, "layers": 2},
 }
 """ViT-L/14's layout in miniature (patch 14, the real tokenizer and vocabulary) for tests and ``--tiny``."""
 

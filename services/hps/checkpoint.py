@@ -18,6 +18,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from services.clip_shared.tiny import TINY_SEED, seeded
+from services.clip_shared.tokenizer import VOCAB_SIZE
 from services.clip_shared.transforms import IMAGE_SIZE
 from services.clip_shared.weights import resolve_hub_file, weights_sha256
 
@@ -26,7 +27,6 @@ HUB_REPO = "xswu/HPSv2"
 CHECKPOINT_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")
 """Accepted file names, preferred first: HPSv2.1, then HPSv2.0."""
 CONTEXT_LENGTH = 77
-VOCAB_SIZE = 49408
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

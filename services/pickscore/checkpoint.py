@@ -18,9 +18,9 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 from services.clip_shared.tiny import TINY_SEED, seeded
+from services.clip_shared.tokenizer import END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE, clip_tokenizer
 from services.clip_shared.transforms import IMAGE_SIZE, check_center_crop_config
 from services.clip_shared.weights import hf_weight_files, resolve_hf_dir, weights_sha256
-from shapes.tokenizer import END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
