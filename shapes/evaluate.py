@@ -40,7 +40,6 @@ from shapes.model import MANIFEST, ShapesModel, load_shapes_model, read_manifest
 from shapes.pretrain import reexec_with_passive_openmp
 from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
 from shapes.vocab import CLASSES, TAGS
-from trainer.sampler import sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights"
 
@@ -110,22 +109,22 @@ def sample_euler(
 ) -> torch.Tensor:
     """Deterministic flow ODE from σ = 1 to 0: (B, C, H, W) noise → x0, no guidance.
 
-    The trainer's ODE loop (``trainer.sampler.sample``, Euler) on ``scheduler.sigmas`` after
-    ``set_timesteps`` (shifted grid, final σ = 0), with ``timestep = σ·1000`` in float32 as the scheduler's
-    ``timesteps``: the update of ``FlowMatchEulerDiscreteScheduler.step``, in float32.
+    diffusers' own loop, as ``StableDiffusion3Pipeline`` runs it: ``set_timesteps`` (the shifted grid,
+    final σ = 0), the transformer at each of ``scheduler.timesteps`` (σ·1000), ``scheduler.step``; the
+    sample is kept in float32. The trainer's Euler rollout takes the same steps bit for bit
+    (``trainer.sampler``, tested against the pipeline).
     """
     scheduler.set_timesteps(num_steps, device=noise.device)
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        timestep = torch.full((x.shape[0],), sigma, device=x.device) * 1000.0
-        return transformer(
+    x = noise.float()
+    for t in scheduler.timesteps:
+        v = transformer(
             hidden_states=x.to(transformer.dtype),
             encoder_hidden_states=prompt_embeds,
             pooled_projections=pooled,
-            timestep=timestep,
+            timestep=t.expand(x.shape[0]),
         ).sample.float()
-
-    return sample(velocity, noise.float(), scheduler.sigmas.float().cpu(), method="euler")
+        x = scheduler.step(v, t, x).prev_sample
+    return x
 
 
 def to_rule_detections(found: Detections) -> dict[str, list[Detection]]:
