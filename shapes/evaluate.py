@@ -37,7 +37,7 @@ from services.geneval.rules import Detection, GenEvalResult
 from services.geneval.rules import evaluate as geneval_evaluate
 from shapes.detector import Detections, ShapesDetector
 from shapes.model import MANIFEST, ShapesModel, load_shapes_model, read_manifest, to_uint8
-from shapes.pretrain import reexec_with_passive_openmp
+from shapes.openmp import reexec_with_passive_openmp
 from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
 from shapes.vocab import CLASSES, TAGS
 

@@ -45,6 +45,7 @@ from shapes.model import (
     num_parameters,
     save_shapes_model,
 )
+from shapes.openmp import reexec_with_passive_openmp
 from shapes.prompts import Metadata, PromptSplitConfig, split_prompts
 from shapes.render import render
 from shapes.scene import SceneConfig
@@ -420,20 +421,6 @@ def train(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     checkpoint.unlink(missing_ok=True)
     return manifest
-
-
-def reexec_with_passive_openmp(module: str, argv: Sequence[str]) -> None:
-    """Restart ``python -m module argv`` with ``OMP_WAIT_POLICY=PASSIVE`` unless a policy is already set.
-
-    By default OpenMP workers spin at every barrier. On a CPU shared with other jobs a spinning worker burns
-    the time slice its partner needs: on this 2-core machine under load a 2-thread pretraining step took
-    3.9–13.8 s spinning and 0.7 s passive (docs/shapes.md). OpenMP reads the policy once when torch loads,
-    hence the restart. Waiting policy does not change any result.
-    """
-    if "OMP_WAIT_POLICY" in os.environ:
-        return
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

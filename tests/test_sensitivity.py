@@ -1,4 +1,4 @@
-"""shapes.sensitivity: the encoder swap touches exactly one encoder's features, the binding shares are
+"""trainer.sensitivity: the encoder swap touches exactly one encoder's features, the binding shares are
 those of the returned δ, the σ-grid shift reaches both loaders, and the measurement runs."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shapes import sensitivity
 from shapes.evaluate import DEFAULT_MODEL
 from shapes.model import load_shapes_model
+from trainer import sensitivity
 from trainer.config import build_config
 from trainer.model import load_model
 from trainer.perturb import PerturbConfig, perturb_prompts, sample_initial_deltas

@@ -410,7 +410,7 @@ def perturb_prompts(
     flattened prompt-major (variant v of prompt p is row p·M + v).
 
     ``draw_init(mask, dim)`` returns the initial δ (P, M, S, d) for the content mask (P, S): the caller
-    decides how the draws are keyed (per prompt in the trainer, one generator in ``shapes.sensitivity``).
+    decides how the draws are keyed (per prompt in the trainer, one generator in ``trainer.sensitivity``).
     """
     ids = text.clip_l_ids(prompts)
     with torch.no_grad():

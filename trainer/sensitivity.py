@@ -1,6 +1,6 @@
 """How much a shapes prior listens to each text encoder — the property E2PO's CLIP-L perturbation relies on.
 
-    python -m shapes.sensitivity [--model DIR] [--prompts 48] [--set perturb.max_norm=0.125 ...] [--json F]
+    python -m trainer.sensitivity [--model DIR] [--prompts 48] [--set perturb.max_norm=0.125 ...] [--json F]
 
 SD3 trains with independent dropout of each text encoder, so either encoder alone conditions SD3.5-M; E2PO
 perturbs only CLIP-L. On held-out prompts, at shared noises, with the ``shapes`` preset's rollout (Euler,
@@ -36,7 +36,7 @@ import torch
 
 from shapes.evaluate import DEFAULT_MODEL, EvalConfig, geneval_results, heldout_records, summarize
 from shapes.model import read_manifest
-from shapes.pretrain import reexec_with_passive_openmp
+from shapes.openmp import reexec_with_passive_openmp
 from trainer.config import build_config
 from trainer.model import FlowModel, load_model
 from trainer.perturb import (
@@ -202,7 +202,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    reexec_with_passive_openmp("shapes.sensitivity", argv)
+    reexec_with_passive_openmp("trainer.sensitivity", argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
