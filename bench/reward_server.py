@@ -16,9 +16,9 @@ from collections.abc import Callable
 from bench.common import use_torch_threads
 from bench.scorers import NullScorer, SleepingScorer, bench_clip_scorer
 from services.core.batcher import BatcherConfig
+from services.core.flags import add_flags, from_flags
 from services.core.scorer import Scorer
 from services.core.server import READY_PREFIX, RewardServer, ServerConfig
-from services.serve import parse_slack
 
 
 def _geneval_shapes() -> Scorer:
@@ -39,15 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.reward_server", description=__doc__.splitlines()[0])
     p.add_argument("scorer", choices=sorted(SCORERS))
     p.add_argument("--sleep-per-image", type=float, default=0.0, help="pad each batch to S·n seconds")
-    p.add_argument("--max-batch-images", type=int, default=BatcherConfig.max_batch_images)
-    p.add_argument("--max-delay-ms", type=float, default=BatcherConfig.max_delay_ms)
-    p.add_argument(
-        "--contention-latency-slack",
-        type=parse_slack,
-        default=BatcherConfig.contention_latency_slack,
-        help='"none" keeps batches full while clients contend',
-    )
-    p.add_argument("--active-window-ms", type=float, default=BatcherConfig.active_window_ms)
+    add_flags(p, BatcherConfig)
     return p.parse_args(argv)
 
 
@@ -61,12 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=0,
         metrics_port=0,
         drain_grace_s=5.0,
-        batcher=BatcherConfig(
-            max_batch_images=args.max_batch_images,
-            max_delay_ms=args.max_delay_ms,
-            contention_latency_slack=args.contention_latency_slack,
-            active_window_ms=args.active_window_ms,
-        ),
+        batcher=from_flags(args, BatcherConfig),
     )
     server = RewardServer(lambda: build(args), args.scorer, config)
     port = await server.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from typing import Any, Protocol
 
@@ -14,12 +13,6 @@ class ScorerFactory(Protocol):
     ``add_arguments(parser)`` static method that ``services.serve`` calls for the chosen scorer only."""
 
     def build(self, *, checkpoint: str | None, tiny: bool, device: str, **options: Any) -> Scorer: ...
-
-
-class ArgumentAdder(Protocol):
-    """What a scorer's ``add_arguments`` may call: the ``add_argument`` of an argparse parser or group."""
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
 
 
 SCORERS: dict[str, str] = {

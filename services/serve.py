@@ -23,11 +23,12 @@ from typing import Any
 
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
+from services.core.flags import ArgumentAdder, add_flags, from_flags
 from services.core.quota import QuotaConfig
 from services.core.request import RequestLimits
 from services.core.server import READY_PREFIX, RewardServer, ServerConfig, TLSConfig
 from services.core.servicer import IntakeLimits
-from services.registry import SCORERS, ArgumentAdder, build_scorer, scorer_class
+from services.registry import SCORERS, build_scorer, scorer_class
 
 
 class _OptionRecorder:
@@ -60,8 +61,8 @@ def _scorer_options(p: argparse.ArgumentParser, argv: list[str]) -> tuple[str | 
     return name, recorder.dests
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """Every server flag; a scorer's own options are added by :func:`parse_args`."""
     p = argparse.ArgumentParser(
         prog="python -m services.serve",
         description="Serve one reward model over gRPC.",
@@ -80,40 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
-    d_batch, d_req, d_img, d_srv = BatcherConfig(), RequestLimits(), ImageLimits(), ServerConfig()
-    p.add_argument("--max-batch-images", type=int, default=d_batch.max_batch_images)
-    p.add_argument("--max-delay-ms", type=float, default=d_batch.max_delay_ms)
-    p.add_argument("--max-queued-images", type=int, default=d_batch.max_queued_images)
-    p.add_argument("--max-queued-images-per-client", type=int, default=d_batch.max_queued_images_per_client)
-    p.add_argument(
-        "--max-job-images",
-        type=int,
-        default=d_batch.max_job_images,
-        help="requests are cut into jobs of at most this many images (groups stay whole)",
-    )
-    p.add_argument(
-        "--contention-latency-slack",
-        type=parse_slack,
-        default=d_batch.contention_latency_slack,
-        help="while a flood and a one-request-at-a-time client are both active, batches with flood work "
-        "run at most (1 + SLACK) x the small request's own time; 'none' keeps batches full",
-    )
-    p.add_argument(
-        "--active-window-ms",
-        type=float,
-        default=d_batch.active_window_ms,
-        help="a client counts as active this long after its last answer",
-    )
-    p.add_argument(
-        "--retry-grace-ms",
-        type=float,
-        default=d_batch.retry_grace_ms,
-        help="a request refused for a full server queue keeps its place in line this long past its hint",
-    )
-    p.add_argument("--max-images-per-request", type=int, default=d_req.max_images_per_request)
-    p.add_argument("--max-request-bytes", type=int, default=d_req.max_request_bytes)
-    p.add_argument("--max-pixels", type=int, default=d_img.max_pixels)
-    p.add_argument("--max-pixels-per-request", type=int, default=d_req.max_pixels_per_request)
+    d_srv = ServerConfig()
+    add_flags(p.add_argument_group("batching and queues"), BatcherConfig)
+    requests = p.add_argument_group("request and image limits")
+    add_flags(requests, RequestLimits)
+    add_flags(requests, ImageLimits)
     p.add_argument(
         "--max-decoded-pixels",
         type=int,
@@ -131,20 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d_srv.quota.burst_s,
         help="seconds of quota a client may use at once after idling",
     )
-    d_in = IntakeLimits()
-    p.add_argument(
-        "--stream-idle-timeout-s",
-        type=float,
-        default=d_in.stream_idle_timeout_s,
-        help="close a ScoreStream that sends no part for this long",
-    )
-    p.add_argument("--max-streams-per-client", type=int, default=d_in.max_streams_per_client)
-    p.add_argument(
-        "--max-buffered-request-bytes",
-        type=int,
-        default=d_in.max_buffered_request_bytes,
-        help="request bodies held at once over all calls (with --max-decoded-pixels, the memory bound)",
-    )
+    add_flags(p.add_argument_group("what a caller may hold open"), IntakeLimits)
     p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
@@ -162,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "0 keeps the defaults",
     )
     p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
     option_scorer, option_dests = _scorer_options(p, argv)
     args = p.parse_args(argv)
     if option_scorer is not None and option_scorer != args.scorer:
@@ -174,10 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_slack(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tls = None
     if args.tls_cert is not None:
@@ -185,28 +146,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        batcher=BatcherConfig(
-            max_batch_images=args.max_batch_images,
-            max_delay_ms=args.max_delay_ms,
-            max_queued_images=args.max_queued_images,
-            max_queued_images_per_client=args.max_queued_images_per_client,
-            max_job_images=args.max_job_images,
-            contention_latency_slack=args.contention_latency_slack,
-            active_window_ms=args.active_window_ms,
-            retry_grace_ms=args.retry_grace_ms,
-        ),
-        limits=RequestLimits(
-            max_images_per_request=args.max_images_per_request,
-            max_request_bytes=args.max_request_bytes,
-            max_pixels_per_request=args.max_pixels_per_request,
-            image=ImageLimits(max_pixels=args.max_pixels),
-        ),
+        batcher=from_flags(args, BatcherConfig),
+        limits=from_flags(args, RequestLimits, image=from_flags(args, ImageLimits)),
         max_decoded_pixels=args.max_decoded_pixels,
-        intake=IntakeLimits(
-            stream_idle_timeout_s=args.stream_idle_timeout_s,
-            max_streams_per_client=args.max_streams_per_client,
-            max_buffered_request_bytes=args.max_buffered_request_bytes,
-        ),
+        intake=from_flags(args, IntakeLimits),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         quota=QuotaConfig(images_per_s=args.quota_images_per_s, burst_s=args.quota_burst_s),
         token_file=args.token_file,

@@ -21,8 +21,8 @@ from transformers import CLIPModel
 from services.aesthetic import checkpoint as ckpt
 from services.aesthetic.head import AestheticHead
 from services.clip_shared.transforms import center_crop_transform, preprocess_batch
+from services.core.flags import ArgumentAdder
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
-from services.registry import ArgumentAdder
 
 VERSION = "1"
 

@@ -31,8 +31,11 @@ class RequestLimits:
     """Largest request: gRPC's max receive message size, and the bound on a ScoreStream's parts
     together; the client keeps its chunks well under it."""
     max_prompt_chars: int = 4096
+    """Longest prompt a sample may carry, in characters."""
     max_metadata_chars: int = 65536
+    """Longest metadata JSON a sample may carry (GenEval's include lists), in characters."""
     max_group_id_chars: int = 256
+    """Longest group id, in characters."""
     max_pixels_per_request: int = 32 * 1024 * 1024
     """Decoded pixels of one request (≈100 MB as uint8 RGB). More than a raw request under
     ``max_request_bytes`` can carry, so it only bites on PNG/JPEG that expand far beyond their size."""

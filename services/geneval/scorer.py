@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.core.flags import ArgumentAdder
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
 from services.geneval.color import ColorClassifier
 from services.geneval.detectors import DETECTORS, Detections, Detector, DetectorConfig, build_detector
 from services.geneval.metadata import TAGS, Metadata, parse_metadata
 from services.geneval.rules import RuleConfig, evaluate, filter_detections, score_threshold
 from services.geneval.weights import combined_sha256
-from services.registry import ArgumentAdder
 
 log = logging.getLogger(__name__)
 

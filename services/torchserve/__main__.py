@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from services import serve
+from services.core.flags import add_flags, from_flags
 from services.torchserve.archive import build_archive, write_properties
 from services.torchserve.config import ServerSettings
 from services.torchserve.spec import ArchiveSpec
@@ -69,29 +70,6 @@ def spec_from_args(scorer_argv: list[str], batch_requests: int) -> ArchiveSpec:
     )
 
 
-def _settings_arguments(p: argparse.ArgumentParser) -> None:
-    d = ServerSettings()
-    p.add_argument("--host", default=d.host, help="inference/metrics address (management stays loopback)")
-    p.add_argument("--inference-port", type=int, default=d.inference_port)
-    p.add_argument("--grpc-inference-port", type=int, default=d.grpc_inference_port)
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port)
-    p.add_argument("--management-port", type=int, default=d.management_port)
-    p.add_argument("--grpc-management-port", type=int, default=d.grpc_management_port)
-    p.add_argument("--token-expiration-min", type=int, default=d.token_expiration_min)
-
-
-def _settings(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(
-        host=args.host,
-        inference_port=args.inference_port,
-        grpc_inference_port=args.grpc_inference_port,
-        metrics_port=args.metrics_port,
-        management_port=args.management_port,
-        grpc_management_port=args.grpc_management_port,
-        token_expiration_min=args.token_expiration_min,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m services.torchserve", description=__doc__.splitlines()[0])
@@ -112,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     config = sub.add_parser("config", allow_abbrev=False, help="(re)write a model store's config.properties")
     config.add_argument("--model-store", type=Path, default=DEFAULT_OUT)
     config.add_argument("--out", type=Path, help="file to write (default MODEL_STORE/config.properties)")
-    _settings_arguments(config)
+    add_flags(config, ServerSettings)
     args, rest = p.parse_known_args(argv)
     try:
         if args.command == "build":
@@ -123,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if rest:
                 p.error(f"unrecognized arguments: {' '.join(rest)}")
-            properties = write_properties(args.model_store, _settings(args), args.out)
+            properties = write_properties(args.model_store, from_flags(args, ServerSettings), args.out)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

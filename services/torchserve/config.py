@@ -29,10 +29,15 @@ class ServerSettings:
     host: str = LOOPBACK
     """Bind address of the inference and metrics APIs (``0.0.0.0`` in a container)."""
     inference_port: int = 8080
+    """REST inference API port."""
     management_port: int = 8081
+    """REST management API port (bound to loopback whatever ``host`` is)."""
     metrics_port: int = 8082
+    """Prometheus metrics port."""
     grpc_inference_port: int = 7070
+    """gRPC inference API port."""
     grpc_management_port: int = 7071
+    """gRPC management API port (loopback)."""
     token_expiration_min: int = 60
     """Lifetime of the generated keys; renew through TorchServe's token API with the management key."""
     max_connection_age_s: float | None = 300.0
@@ -42,6 +47,7 @@ class ServerSettings:
     workers_per_model: int = 1
     """One worker per model and device, as the gRPC server runs one process per model."""
     response_timeout_s: int = 120
+    """Seconds TorchServe waits for a worker's answer before it restarts the worker."""
 
 
 def render_properties(model_store: Path, specs: Sequence[ArchiveSpec], settings: ServerSettings) -> str:
