@@ -17,29 +17,7 @@ from typing import Any, Literal
 
 from services.geneval.metadata import TAGS as GENEVAL_TAGS
 from trainer.perturb import PerturbConfig
-
-
-def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
-    """Refuse one field's value with a sentence naming the field, the value and what is allowed."""
-    if not ok:
-        raise ValueError(f"{section}.{name} = {value!r} is out of range: must be {allowed}")
-
-
-def _check_literals(section: str, config: Any) -> None:
-    """Fields typed ``Literal[...]`` hold one of their values (config.json and --set can say anything)."""
-    for name, tp in typing.get_type_hints(type(config)).items():
-        if typing.get_origin(tp) is Literal:
-            value = getattr(config, name)
-            _check(section, name, value, value in tp.__args__, f"one of {list(tp.__args__)}")
-
-
-def _positive(section: str, config: Any, *names: str, minimum: float = 0, strict: bool = True) -> None:
-    for name in names:
-        value = getattr(config, name)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = ok and (value > minimum if strict else value >= minimum) and math.isfinite(value)
-        _check(section, name, value, ok, f"{'>' if strict else '>='} {minimum:g}")
-
+from trainer.validation import check, check_literals, positive
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -70,13 +48,13 @@ class ModelConfig:
     the shapes prior on SD3.5-M's grid, where the noise-aware schedule perturbs 7 of 10 steps, not 4."""
 
     def __post_init__(self) -> None:
-        _check_literals("model", self)
+        check_literals("model", self)
         if self.scheduler_shift is not None:
-            _positive("model", self, "scheduler_shift")
-        _check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
-        _positive("model", self, "max_sequence_length", strict=False)
-        _positive("model", self, "resolution", "lora_rank", "lora_alpha")
-        _check("model", "lora_targets", self.lora_targets, bool(self.lora_targets), "at least one module")
+            positive("model", self, "scheduler_shift")
+        check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
+        positive("model", self, "max_sequence_length", strict=False)
+        positive("model", self, "resolution", "lora_rank", "lora_alpha")
+        check("model", "lora_targets", self.lora_targets, bool(self.lora_targets), "at least one module")
 
 
 @dataclass(kw_only=True)
@@ -98,10 +76,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("train", "test"):
-            _check("data", name, getattr(self, name), bool(getattr(self, name)), "a JSONL path or 'shapes'")
-        _positive("data", self, "num_prompts")
+            check("data", name, getattr(self, name), bool(getattr(self, name)), "a JSONL path or 'shapes'")
+        positive("data", self, "num_prompts")
         unknown = [t for t in self.train_tags if t not in GENEVAL_TAGS]
-        _check("data", "train_tags", self.train_tags, not unknown, f"GenEval tags from {list(GENEVAL_TAGS)}")
+        check("data", "train_tags", self.train_tags, not unknown, f"GenEval tags from {list(GENEVAL_TAGS)}")
 
 
 @dataclass(kw_only=True)
@@ -129,9 +107,9 @@ class RolloutConfig:
     """Samples per transformer forward during rollout (memory knob; does not change results)."""
 
     def __post_init__(self) -> None:
-        _check_literals("rollout", self)
-        _positive("rollout", self, "num_noises", "num_conditions", "num_steps", "batch_size")
-        _check("rollout", "rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
+        check_literals("rollout", self)
+        positive("rollout", self, "num_noises", "num_conditions", "num_steps", "batch_size")
+        check("rollout", "rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -149,11 +127,11 @@ class NFTConfig:
     ema: bool = True
 
     def __post_init__(self) -> None:
-        _check_literals("nft", self)
-        _positive("nft", self, "nft_beta", "adv_clip")
-        _positive("nft", self, "kl_weight", strict=False)
+        check_literals("nft", self)
+        positive("nft", self, "nft_beta", "adv_clip")
+        positive("nft", self, "kl_weight", strict=False)
         fraction = self.train_timestep_fraction
-        _check("nft", "train_timestep_fraction", fraction, 0 < fraction <= 1, "in (0, 1]")
+        check("nft", "train_timestep_fraction", fraction, 0 < fraction <= 1, "in (0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -172,11 +150,11 @@ class OptimConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
 
     def __post_init__(self) -> None:
-        _check_literals("optim", self)
-        _positive("optim", self, "lr", "eps", "train_batch_size", "optimizer_steps_per_iteration")
-        _positive("optim", self, "weight_decay", "grad_clip", strict=False)  # grad_clip 0: no clipping
+        check_literals("optim", self)
+        positive("optim", self, "lr", "eps", "train_batch_size", "optimizer_steps_per_iteration")
+        positive("optim", self, "weight_decay", "grad_clip", strict=False)  # grad_clip 0: no clipping
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
-        _check("optim", "betas", self.betas, ok, "two values in [0, 1)")
+        check("optim", "betas", self.betas, ok, "two values in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -194,8 +172,8 @@ class RewardSpec:
     """Arguments after ``python -m services.serve NAME`` when started locally."""
 
     def __post_init__(self) -> None:
-        _check("reward", "name", self.name, bool(self.name), "a service name")
-        _check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")
+        check("reward", "name", self.name, bool(self.name), "a service name")
+        check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")
 
 
 @dataclass(kw_only=True)
@@ -210,7 +188,7 @@ class RewardConfig:
     past it the run stops with the endpoint named."""
 
     def __post_init__(self) -> None:
-        _positive("reward", self, "timeout_s", "connect_timeout_s")
+        positive("reward", self, "timeout_s", "connect_timeout_s")
         for spec in self.rewards:
             spec.__post_init__()
 
@@ -230,12 +208,12 @@ class RunConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _positive("run", self, "seed", "iterations", "plot_every", "eval_every", strict=False)
-        _positive("run", self, "checkpoint_every")
-        _check(
+        positive("run", self, "seed", "iterations", "plot_every", "eval_every", strict=False)
+        positive("run", self, "checkpoint_every")
+        check(
             "run", "eval_every", self.eval_every, self.eval_every == 0, "0 (use python -m trainer.evaluate)"
         )
-        _check("run", "out", self.out, bool(self.out), "a directory")
+        check("run", "out", self.out, bool(self.out), "a directory")
 
 
 @dataclass(kw_only=True)

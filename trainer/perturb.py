@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.validation import check, check_literals, positive
+
 if TYPE_CHECKING:
     from trainer.text import Conditioning, SD3TextEncoder
 
@@ -71,23 +73,11 @@ class PerturbConfig:
     that builds ``embed_fn``; this module only consumes the pooled vectors."""
 
     def __post_init__(self) -> None:
-        if self.num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0, got {self.num_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        if self.max_norm <= 0:
-            raise ValueError(f"max_norm must be > 0, got {self.max_norm}")
-        if self.anchor_eps < 0:
-            raise ValueError(f"anchor_eps must be >= 0, got {self.anchor_eps}")
-        for name, allowed in (
-            ("max_norm_mode", ("absolute", "relative")),
-            ("norm_projection", ("per_token", "global")),
-            ("pool", ("eos",)),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_literals("perturb", self)
+        positive("perturb", self, "num_steps", "init_std", "anchor_eps", strict=False)
+        positive("perturb", self, "lr", "max_norm")
+        positive("perturb", self, "lambda_div", strict=False)
+        check("perturb", "anchor_mu", self.anchor_mu, -1 <= self.anchor_mu <= 1, "a cosine in [-1, 1]")
 
 
 @dataclass(kw_only=True)
