@@ -78,29 +78,24 @@ def tag_grid(
     ``prompt`` and ``tag``), ``correct[i]`` its GenEval correctness when judged."""
     if len(images) != len(records) or (correct is not None and len(correct) != len(images)):
         raise ValueError(f"{len(images)} images, {len(records)} records, {len(correct or ())} judgements")
-    side = images.shape[1] * layout.scale
-    box = side + 2 * layout.pad
+    image_side = images.shape[1]
+    side, box, row_height = image_side * layout.scale, layout.box(image_side), layout.row_height(image_side)
     group_width = layout.images_per_prompt * box
-    label_width = 90
-    row_height = box + layout.caption_lines * layout.line_height + layout.pad
     rows = rows_by_tag(records, layout)
-    grid = Image.new(
-        "RGB",
-        (label_width + layout.prompts_per_row * (group_width + layout.pad), len(rows) * row_height),
-        "white",
-    )
+    width = layout.label_width + layout.prompts_per_row * (group_width + layout.pad)
+    grid = Image.new("RGB", (width, len(rows) * row_height), "white")
     draw = ImageDraw.Draw(grid)
     for row, (tag, prompts) in enumerate(rows):
         top = row * row_height
         draw.text((2, top + box // 2 - 5), tag or "(no tag)", fill="black")
         for column, (prompt, indices) in enumerate(prompts):
-            left = label_width + column * (group_width + layout.pad)
             for k, index in enumerate(indices):
-                x = left + k * box
+                x, y = layout.origin(image_side, row, column, k)
                 frame = UNJUDGED if correct is None else (CORRECT if correct[index] else WRONG)
-                draw.rectangle([x, top, x + box - 1, top + box - 1], fill=frame)
+                draw.rectangle([x, y, x + box - 1, y + box - 1], fill=frame)
                 tile = Image.fromarray(images[index]).resize((side, side), Image.Resampling.NEAREST)
-                grid.paste(tile, (x + layout.pad, top + layout.pad))
+                grid.paste(tile, (x + layout.pad, y + layout.pad))
+            left, _ = layout.origin(image_side, row, column, 0)
             text = prompt.removeprefix("a photo of ")
             width_chars = max(8, group_width // 6)
             for k, line in enumerate(textwrap.wrap(text, width=width_chars)[: layout.caption_lines]):
