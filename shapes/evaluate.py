@@ -229,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     reexec_with_passive_openmp("shapes.evaluate", argv)
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m shapes.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
     parser.add_argument("--steps", type=int, default=defaults.num_steps)
@@ -255,7 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(config.num_threads)
     manifest = read_manifest(args.model) or {}
     split_seed = manifest.get("pretrain", {}).get("split_seed", 0)
-    model = load_shapes_model(args.model, shift=config.shift)
+    try:
+        model = load_shapes_model(args.model, shift=config.shift)
+    except ValueError as exc:
+        parser.error(str(exc))
     result, images, records, correct = evaluate_model(model, heldout_records(split_seed), config)
     print(result.table())
     print(

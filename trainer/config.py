@@ -242,6 +242,8 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         """A saved config.json, every section validated (an edited file fails here, naming the field)."""
+        if not path.is_file():
+            raise ValueError(f"{path.parent} is not a run directory: it has no config.json")
         try:
             return from_dict(cls, json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:

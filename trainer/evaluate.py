@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.run is not None:
-        cfg = TrainConfig.load(args.run / "config.json")
+        try:
+            cfg = TrainConfig.load(args.run / "config.json")
+        except ValueError as exc:
+            p.error(str(exc))
     else:
         from trainer.config import build_config
 

@@ -72,6 +72,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     if args.resume is not None:
         # --resume takes the run directory or one of its checkpoints (RUN/checkpoints/iter-N).
         run_dir = args.resume if (args.resume / "config.json").exists() else args.resume.parent.parent
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(
+                f"--resume {args.resume}: not a run directory or one of its checkpoints (no config.json)"
+            )
         cfg = TrainConfig.load(run_dir / "config.json")
         for item in args.set:
             apply_override(cfg, item)

@@ -204,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     reexec_with_passive_openmp("trainer.sensitivity", argv)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m trainer.sensitivity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="shapes pipeline directory")
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts to measure on")
