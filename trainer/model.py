@@ -79,23 +79,18 @@ OPTIONAL_COMPONENTS = ("vae", "text_encoder_3", "tokenizer_3")
 """Absent optional components mean a pixel-space model (no vae) or zero T5 slots (no T5), as in diffusers."""
 
 
-def _has(path: str, sub: str) -> bool | None:
-    """Whether a local pipeline dir has a component; None for hub ids (assume the standard layout)."""
-    local = Path(path)
-    return (local / sub).is_dir() if local.is_dir() else None
-
-
-def check_pipeline_dir(path: str) -> None:
-    """Refuse a local directory that lacks a component it needs, naming the component.
+def check_pipeline_dir(path: str) -> frozenset[str] | None:
+    """Refuse a local directory that lacks a component it needs, naming the component; return the
+    optional components it has (None for a hub id, which has the standard layout).
 
     Needed: the six CLIP/transformer/scheduler folders, and every component ``model_index.json`` lists
-    with a class (a null entry, as the shapes model's vae, means the pipeline has none). Hub ids pass.
+    with a class (a null entry, as the shapes model's vae, means the pipeline has none).
     """
     local = Path(path)
     if not local.exists():
         if local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
             raise ValueError(f"model {path!r}: no such directory (and not a hub id owner/name)")
-        return
+        return None
     if not local.is_dir():
         raise ValueError(f"model {path!r} is not a directory in the SD3 pipeline layout")
     needed = list(REQUIRED_COMPONENTS)
@@ -106,18 +101,23 @@ def check_pipeline_dir(path: str) -> None:
     missing = [c for c in needed if not (local / c).is_dir()]
     if missing:
         raise ValueError(f"model {path!r} is missing component(s) {', '.join(f'{c}/' for c in missing)}")
+    return frozenset(c for c in OPTIONAL_COMPONENTS if (local / c).is_dir())
 
 
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowModel:
     """Load transformer, scheduler, text encoders and (if present) VAE; freeze everything."""
     path = resolve_path(config.path)
-    check_pipeline_dir(path)
+    optional = check_pipeline_dir(path)
+
+    def has(component: str) -> bool:
+        return optional is None or component in optional
+
     dtype = DTYPES[config.dtype]
     transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
     shift = {} if config.scheduler_shift is None else {"shift": config.scheduler_shift}
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **shift)
     text_kwargs = {}
-    if config.use_t5 and _has(path, "text_encoder_3") is not False:
+    if config.use_t5 and has("text_encoder_3"):
         from transformers import T5EncoderModel, T5TokenizerFast
 
         text_kwargs = {
@@ -140,7 +140,7 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowM
         **text_kwargs,
     )
     vae = None
-    if _has(path, "vae") is not False:
+    if has("vae"):
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
     return assemble(transformer, scheduler, text, vae, config, device)
 
