@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from tests.test_trainer_e2e import run_training, tiny_config
-from tests.tiny_sd3 import tiny_components
+from tests.tiny_sd3 import tiny_components, vae_less_pipeline
 from trainer import checkpoint as ckpt
 from trainer.model import POLICY, load_adapter_state, use_adapter
 
@@ -20,16 +20,13 @@ def diffusers_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """The tiny model's base weights (same seed), assembled as a user would: no adapters, no trainer code."""
     parts = tiny_components(seed=seed)
     text = parts["text"]
-    return StableDiffusion3Pipeline(
-        transformer=parts["transformer"],
-        scheduler=parts["scheduler"],
-        vae=None,
-        text_encoder=text.text_encoder,
-        tokenizer=text.tokenizer,
-        text_encoder_2=text.text_encoder_2,
-        tokenizer_2=text.tokenizer_2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+    return vae_less_pipeline(
+        parts["transformer"],
+        parts["scheduler"],
+        text.text_encoder,
+        text.tokenizer,
+        text.text_encoder_2,
+        text.tokenizer_2,
     )
 
 

@@ -36,6 +36,7 @@ from shapes.prompts import all_metadata
 from shapes.render import render
 from shapes.text import EOS_TOKEN_ID, ClipTextConfig
 from shapes.vocab import TAGS
+from tests.tiny_sd3 import vae_less_pipeline
 from trainer.sampler import sample as trainer_sample
 
 SHIPPED = Path(__file__).resolve().parents[1] / "shapes" / "weights"
@@ -76,16 +77,13 @@ def small_model() -> ShapesModel:
 
 
 def sd3_pipeline(model: ShapesModel) -> StableDiffusion3Pipeline:
-    return StableDiffusion3Pipeline(
-        transformer=model.transformer,
-        scheduler=model.scheduler,
-        vae=None,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        text_encoder_2=model.text_encoder_2,
-        tokenizer_2=model.tokenizer_2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+    return vae_less_pipeline(
+        model.transformer,
+        model.scheduler,
+        model.text_encoder,
+        model.tokenizer,
+        model.text_encoder_2,
+        model.tokenizer_2,
     )
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from services.clip_shared.tokenizer import clip_tokenizer
@@ -85,3 +90,26 @@ def tiny_model(config: ModelConfig | None = None, *, latent: bool = False, seed:
         path="tiny", dtype="float32", use_t5=False, lora_rank=4, lora_alpha=8, resolution=16
     )
     return assemble(parts["transformer"], parts["scheduler"], parts["text"], parts["vae"], config, "cpu")
+
+
+def vae_less_pipeline(
+    transformer: SD3Transformer2DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    clip_l,
+    tokenizer,
+    clip_g,
+    tokenizer_2,
+) -> StableDiffusion3Pipeline:
+    """diffusers' own SD3 pipeline over given parts, without VAE or T5 (a pixel-space model, as users
+    assemble one): what tests compare the project's sampling and exports against."""
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=None,
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
