@@ -267,19 +267,17 @@ def _read_varint(buf: memoryview, pos: int, max_bytes: int = 10) -> tuple[int, i
     raise _NotCanonical
 
 
-def _fields(
-    buf: memoryview, steps: _Steps, known: dict[int, int]
-) -> Iterator[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) of one message, as read: varints as ints, lengths as views; the
-    rest (fixed-size unknown fields) skipped. Fields not in ``known`` count against the bounds."""
+def _walk(buf: memoryview, *, groups: bool) -> Iterator[tuple[int, int, int | memoryview | None]]:
+    """(field number, wire type, value) of each field of one message level, as read: varints as ints,
+    lengths as views, fixed-size fields and (with ``groups``) group markers as None. Bytes that are not a
+    well-formed field raise _NotCanonical (a group without ``groups``, an invalid wire type or field
+    number, a value running past the end)."""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _read_varint(buf, pos, max_bytes=5)
         number, wire_type = key >> 3, key & 7
         if not 1 <= number <= _MAX_FIELD_NUMBER:
             raise _NotCanonical
-        if number not in known:
-            steps.unknown()
         if wire_type == _VARINT:
             value, pos = _read_varint(buf, pos)
             yield number, wire_type, value
@@ -293,37 +291,42 @@ def _fields(
             pos += _FIXED_SIZE[wire_type]
             if pos > end:
                 raise _NotCanonical
-        else:  # groups (3, 4) and the invalid wire types 6, 7
+            yield number, wire_type, None
+        elif groups and wire_type in (_GROUP_START, _GROUP_END):
+            yield number, wire_type, None
+        else:  # groups where the fast reader takes none, and the invalid wire types 6, 7
             raise _NotCanonical
+
+
+def _fields(
+    buf: memoryview, steps: _Steps, known: dict[int, int]
+) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) of one message's varint and length fields; fixed-size unknown
+    fields skipped. Fields not in ``known`` count against the bounds."""
+    for number, wire_type, value in _walk(buf, groups=False):
+        if number not in known:
+            steps.unknown()
+        if value is not None:
+            yield number, wire_type, value
 
 
 def _skim(buf: memoryview, bounds: ReadBounds) -> None:
     """Count a body's samples and other top-level fields (group contents included) against ``bounds`` without
     building anything, before the protobuf library parses it. Malformed bytes end the count: the
     library's parse then raises its DecodeError."""
-    steps = _Steps(bounds)
-    pos, end, depth = 0, len(buf), 0
+    steps, depth = _Steps(bounds), 0
     try:
-        while pos < end:
-            key, pos = _read_varint(buf, pos, max_bytes=5)
-            number, wire_type = key >> 3, key & 7
+        for number, wire_type, _ in _walk(buf, groups=True):
             if number == 1 and wire_type == _LEN and depth == 0:
                 steps.sample()
             else:
                 steps.unknown()
-            if wire_type == _VARINT:
-                _, pos = _read_varint(buf, pos)
-            elif wire_type == _LEN:
-                length, pos = _read_varint(buf, pos)
-                pos += length
-            elif wire_type in _FIXED_SIZE:
-                pos += _FIXED_SIZE[wire_type]
-            elif wire_type == _GROUP_START:
+            if wire_type == _GROUP_START:
                 depth += 1
-            elif wire_type == _GROUP_END and depth > 0:
+            elif wire_type == _GROUP_END:
+                if depth == 0:
+                    return
                 depth -= 1
-            else:
-                return
     except _NotCanonical:
         return
 
