@@ -27,3 +27,15 @@ def test_a_balanced_stream_over_two_tags_alternates_them():
     records = with_tags(load_records("shapes", "train"), ("single_object", "colors"))
     drawn = PromptStream(records, seed=0, balance_by_tag=True).next(10)
     assert [r["tag"] for r in drawn] == ["colors", "single_object"] * 5
+
+
+def test_the_collapse_preset_draws_distinct_prompts_each_iteration():
+    """Repeated draws of a prompt form one group, so a G = 4 arm must not see a prompt twice an iteration."""
+    from trainer.config import build_config
+
+    data = build_config("shapes-collapse").data
+    records = with_tags(load_records("shapes", "train"), data.train_tags)
+    stream = PromptStream(records, seed=3, balance_by_tag=data.balance_by_tag)
+    for _ in range(3):  # 24 of the 25 prompts: within one epoch of the permutation
+        drawn = [r["prompt"] for r in stream.next(data.num_prompts)]
+        assert len(set(drawn)) == data.num_prompts

@@ -73,6 +73,10 @@ class DataConfig:
     """Train only on records with these GenEval tags (empty: every record). The held-out set is not
     filtered, so a run trained on a few easy tags can saturate its training reward while the held-out
     score still has room (the ``shapes-collapse`` preset)."""
+    balance_by_tag: bool = True
+    """Draw training prompts tag by tag in turn (every tag trains equally, however few prompts it has),
+    or uniformly over the records (False). A tag with fewer prompts than its share of an iteration's
+    draws repeats them within the iteration, and repeated draws of a prompt form one group."""
 
     def __post_init__(self) -> None:
         for name in ("train", "test"):
@@ -321,14 +325,16 @@ def shapes_collapse() -> TrainConfig:
     """The shapes world where DiffusionNFT's groups go uniform (the paper's Fig. 2 situation), with the
     paper's perturbation in the shapes encoder's units.
 
-    Training prompts are the two tags the prior already half solves (single_object, colors: 25 prompts),
-    so the training reward nears saturation within the run and small groups tie, while the held-out set
-    (all six tags) keeps room. The perturbation is Table 3's: T_emb 300, μ 0.8, λ_div 50, and the max-norm
-    0.05 expressed relative to the token scale (0.05 / PAPER_CLIP_L_TOKEN_NORM = 0.125 × the prompt's
-    mean CLIP-L token norm; 0.06 per token for the shapes encoder, whose tokens average ~0.5).
+    Training prompts are the two tags the prior already half solves (single_object, colors: 25 prompts,
+    drawn uniformly, so an iteration's 8 prompts are distinct), so the training reward can saturate and
+    small groups tie, while the held-out set (all six tags) keeps room. The perturbation is Table 3's:
+    T_emb 300, μ 0.8, λ_div 50, and the max-norm 0.05 relative to the token scale, 0.05 /
+    PAPER_CLIP_L_TOKEN_NORM = 0.125 × the prompt's mean CLIP-L token norm (0.06 per token for the
+    shapes encoder, whose tokens average ~0.5).
     """
     cfg = shapes()
     cfg.data.train_tags = ("single_object", "colors")
+    cfg.data.balance_by_tag = False  # tag turns would repeat single_object's 2 prompts each iteration
     cfg.perturb = PerturbConfig(
         num_steps=300, max_norm_mode="relative", max_norm=PerturbConfig().max_norm / PAPER_CLIP_L_TOKEN_NORM
     )

@@ -138,7 +138,7 @@ class Trainer:
         # (trainer.seeding): independent of the device and of the rank layout, and replayed on resume.
         self.seed = config.run.seed
         records = with_tags(load_records(config.data.train, "train"), config.data.train_tags)
-        self.stream = PromptStream(records, seed=config.run.seed, balance_by_tag=True)
+        self.stream = PromptStream(records, seed=config.run.seed, balance_by_tag=config.data.balance_by_tag)
         self.iteration = 0
         self.global_step = 0
         if resume is not None:
