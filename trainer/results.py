@@ -284,7 +284,8 @@ def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
         f"μ {perturb['anchor_mu']}, λ_div {perturb['lambda_div']}.",
         f"- Machine: {frozen.get('machine', '?')}, {frozen.get('cpus', '?')} CPU cores, no GPU; "
         f"{total_train / 3600:.1f} h of "
-        "training iterations over all runs (each run's metrics.jsonl; evaluation adds about a minute a run).",
+        "training iterations over all runs (each run's metrics.jsonl; loading and the held-out evaluation, "
+        "several minutes a run on 2 cores, are not counted).",
         "- Held-out evaluation: EMA weights, 40-step ODE, GenEval-shapes correctness per tag on every test "
         "prompt; diversity over each prompt's samples (pixel RMS distance; layout: 1 − matched box IoU).",
         "- Intervals: 95 % percentile bootstrap of the mean paired (same-seed) difference, "
