@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import children
-from trainer.results import equal_across_conditions, ties_per_iteration
+from trainer.results import ties_across_conditions
 from trainer.rewards import LocalService
 
 RESULTS = Path("results")
@@ -166,11 +166,7 @@ def collect(directory: Path, destination: Path) -> None:
     staging.mkdir(parents=True)
     shutil.copy(directory / "config.json", staging / "config.json")
     shutil.copy(directory / "metrics.jsonl", staging / "metrics.jsonl")
-    rewards = directory / "rewards.jsonl"
-    ties = {
-        "equal_across_k": equal_across_conditions(rewards),
-        "per_iteration": ties_per_iteration(rewards),
-    }
+    ties = ties_across_conditions(directory / "rewards.jsonl")
     (staging / "ties.json").write_text(json.dumps(ties, indent=1) + "\n")
     shutil.copy(directory / "eval" / "results.json", staging / "eval.json")
     shutil.rmtree(destination, ignore_errors=True)

@@ -53,21 +53,30 @@ def _tied_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, int], bool] | Non
     return {key: len(rewards) == 1 for key, rewards in cells.items()}
 
 
-def equal_across_conditions(rewards_jsonl: Path) -> float:
-    """Fraction of (iteration, prompt, noise) cells whose K samples all got the same reward; NaN for K = 1."""
-    tied = _tied_cells(_read_rewards(rewards_jsonl))
-    return float("nan") if tied is None else sum(tied.values()) / len(tied)
-
-
-def ties_per_iteration(rewards_jsonl: Path) -> dict[str, float]:
-    """The same share per iteration (keys are iteration numbers as text, for JSON); {} for K = 1."""
+def ties_across_conditions(rewards_jsonl: Path) -> dict[str, Any]:
+    """From one read of a run's reward log: ``equal_across_k``, the fraction of (iteration, prompt, noise)
+    cells whose K samples all got the same reward (NaN for K = 1), and ``per_iteration``, the same share
+    per iteration (keys are iteration numbers as text, for JSON; {} for K = 1)."""
     tied = _tied_cells(_read_rewards(rewards_jsonl))
     if tied is None:
-        return {}
+        return {"equal_across_k": float("nan"), "per_iteration": {}}
     per: dict[int, list[bool]] = defaultdict(list)
     for (iteration, _), value in tied.items():
         per[iteration].append(value)
-    return {str(i): sum(v) / len(v) for i, v in sorted(per.items())}
+    return {
+        "equal_across_k": sum(tied.values()) / len(tied),
+        "per_iteration": {str(i): sum(v) / len(v) for i, v in sorted(per.items())},
+    }
+
+
+def equal_across_conditions(rewards_jsonl: Path) -> float:
+    """The overall share of :func:`ties_across_conditions`."""
+    return ties_across_conditions(rewards_jsonl)["equal_across_k"]
+
+
+def ties_per_iteration(rewards_jsonl: Path) -> dict[str, float]:
+    """The per-iteration shares of :func:`ties_across_conditions`."""
+    return ties_across_conditions(rewards_jsonl)["per_iteration"]
 
 
 def train_seconds(metrics: Sequence[dict[str, Any]]) -> float:
