@@ -30,7 +30,7 @@ import torch
 
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.codec import as_hwc_uint8, encode_file_bytes
-from services.core.metadata_keys import CLIENT_KEY, RETRY_AFTER_KEY, bearer
+from services.core.metadata_keys import CLIENT_KEY, NEW_TICKET, RETRY_AFTER_KEY, RETRY_TICKET_KEY, bearer
 from services.core.packing import pack_groups
 from services.core.tls import handshake_failure, load_ca, load_key_pair
 from services.core.wire import (
@@ -221,6 +221,7 @@ class RewardClient:
         """One RPC with retries on UNAVAILABLE / RESOURCE_EXHAUSTED until attempts or deadline run out."""
         loop = asyncio.get_running_loop()
         attempt = 0
+        ticket = NEW_TICKET  # the call's place in line once a full queue refused it
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
@@ -228,9 +229,11 @@ class RewardClient:
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from {self.endpoint} in time"
                 )
             try:
-                return await method(request, timeout=remaining, metadata=self._metadata)
+                metadata = (*self._metadata, (RETRY_TICKET_KEY, ticket))
+                return await method(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 code = err.code()
+                ticket = _trailing(err, RETRY_TICKET_KEY) or NEW_TICKET
                 attempt += 1
                 cause = (
                     handshake_failure(err.details() or "") if code == grpc.StatusCode.UNAVAILABLE else None
@@ -255,14 +258,18 @@ def _deadline(timeout_s: float | None) -> float | None:
     return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
 
-def _retry_hint(err: grpc.aio.AioRpcError) -> float | None:
+def _trailing(err: grpc.aio.AioRpcError, wanted: str) -> str | None:
     for key, value in err.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                return float(value) / 1000.0
-            except ValueError:
-                return None
+        if key == wanted and isinstance(value, str):
+            return value
     return None
+
+
+def _retry_hint(err: grpc.aio.AioRpcError) -> float | None:
+    try:
+        return float(_trailing(err, RETRY_AFTER_KEY) or "") / 1000.0
+    except ValueError:
+        return None
 
 
 def encode_samples(

@@ -344,6 +344,46 @@ def test_a_request_refused_for_a_full_server_queue_keeps_its_place_for_the_retry
     run(main())
 
 
+@pytest.mark.parametrize("tickets", [True, False])
+def test_each_call_of_a_client_keeps_its_own_place_when_it_names_its_ticket(tickets: bool) -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2, max_delay_ms=0, max_queued_images_per_client=4, max_queued_images=4
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", [("a0", 2)]))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit("a", [("a1", 2), ("a2", 2)]))  # fills the queue
+        await asyncio.sleep(0.01)
+        first = "" if tickets else None  # a ticket-aware client's first try, or one sending none
+        names = []
+        for _ in range(2):  # two calls of one client in flight, both refused
+            with pytest.raises(QueueFull) as refused:
+                batcher.check_admission("late", 2, first)
+            names.append(refused.value.ticket)
+        model.gate.set()
+        await asyncio.gather(running, waiting)
+        model.gate.clear()
+        admitted = asyncio.ensure_future(batcher.submit("late", [("l0", 2)], ticket=names[0]))
+        await asyncio.sleep(0.05)  # in the model: the queue is empty again
+        if tickets:  # the second call's place survives its sibling's admission
+            assert names[0] != names[1] and all(names)
+            with pytest.raises(QueueFull, match="2 held"):
+                batcher.check_admission("newcomer", 3)
+        else:  # one shared place, used up by whichever call came first: the newcomer takes the room
+            assert names == [None, None]
+            batcher.check_admission("newcomer", 3)
+        model.gate.set()
+        assert await admitted == ["L0"]
+        assert await batcher.submit("late", [("l1", 2)], ticket=names[1]) == ["L1"]
+        await batcher.close()
+
+    run(main())
+
+
 def test_a_place_in_line_lapses_when_its_client_does_not_retry() -> None:
     async def main() -> None:
         model = Model()

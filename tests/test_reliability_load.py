@@ -22,6 +22,7 @@ import pytest
 from protos import reward_pb2, reward_pb2_grpc
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
+from services.core.metadata_keys import NEW_TICKET, RETRY_AFTER_KEY, RETRY_TICKET_KEY
 from services.core.server import ServerConfig
 from tests.conftest import MeanPixelScorer, running_server
 from tests.test_reliability_fuzz import report
@@ -70,14 +71,18 @@ async def _client(
                 number = queue.pop()
                 request, expected = _request(client, number, sizes[number])
                 started = time.perf_counter()
+                ticket = NEW_TICKET
                 for attempt in range(MAX_RETRIES):
                     try:
-                        response = await stub.Score(request, metadata=metadata, timeout=120)
+                        call_metadata = (*metadata, (RETRY_TICKET_KEY, ticket))
+                        response = await stub.Score(request, metadata=call_metadata, timeout=120)
                     except grpc.aio.AioRpcError as err:
                         if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                             stats.unexpected.append(f"{err.code().name}: {err.details()}")
                             break
-                        hint = dict(err.trailing_metadata() or ()).get("retry-after-ms")
+                        trailing = dict(err.trailing_metadata() or ())
+                        hint = trailing.get(RETRY_AFTER_KEY)
+                        ticket = trailing.get(RETRY_TICKET_KEY, NEW_TICKET)
                         if hint is None or "retry after" not in (err.details() or ""):
                             stats.unexpected.append(f"queue full without a retry hint: {err.details()}")
                             break

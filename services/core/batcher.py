@@ -108,9 +108,12 @@ class BatcherConfig:
 class QueueFull(Exception):
     """The client's (or the server's) queue cannot take this work now; retry after ``retry_after_s``."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(self, message: str, retry_after_s: float, ticket: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.ticket = ticket
+        """The place in line this refusal holds, for the caller to name on its retry (None: the
+        client's shared place, or none)."""
 
 
 class DeadlineExpired(Exception):
@@ -175,6 +178,7 @@ class FairBatcher(Generic[T, R]):
         self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
         self._model_free_since = float("-inf")  # loop time the last batch ended
         self._cost = BatchCostModel()
+        self._tickets = itertools.count(1)
         self._waitlist = Waitlist(
             grace_s=self.config.retry_grace_ms / 1000.0, capacity=self.config.max_queued_images
         )
@@ -196,12 +200,18 @@ class FairBatcher(Generic[T, R]):
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="fair-batcher")
 
     async def submit(
-        self, client: str, jobs: Sequence[tuple[T, int]], *, timeout_s: float | None = None
+        self,
+        client: str,
+        jobs: Sequence[tuple[T, int]],
+        *,
+        timeout_s: float | None = None,
+        ticket: str | None = None,
     ) -> list[R]:
         """Queue ``jobs`` (payload, number of images) for ``client`` atomically; return their results.
 
         Either all jobs are admitted or none is (QueueFull), so a request is never half-queued.
-        Cancelling the awaiting task removes the client's still-queued jobs.
+        Cancelling the awaiting task removes the client's still-queued jobs. ``ticket`` names the
+        request's place in line (:meth:`check_admission`).
         """
         if self._closing or self._task is None:
             raise BatcherClosed("the server is draining and accepts no new work")
@@ -210,8 +220,10 @@ class FairBatcher(Generic[T, R]):
         total = sum(size for _, size in jobs)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._admit(client, total, now)
-        self._waitlist.release(client)
+        self._admit(client, total, now, ticket)
+        place = _place(client, ticket)
+        if place is not None:
+            self._waitlist.release(place)
         deadline = None if timeout_s is None else now + timeout_s
         queue = self._queues.get(client)
         if not queue:
@@ -241,12 +253,16 @@ class FairBatcher(Generic[T, R]):
             if self._contention is not None:
                 self._contention.request_finished(client, loop.time())
 
-    def check_admission(self, client: str, num_images: int) -> None:
+    def check_admission(self, client: str, num_images: int, ticket: str | None = None) -> None:
         """Raise QueueFull (or ValueError if it can never fit) without queueing anything.
 
-        A refusal for a full server queue takes the client's place in line, as in :meth:`submit`.
+        A refusal for a full server queue takes a place in line, as in :meth:`submit`. ``ticket``
+        says whose: ``None``, the client's one shared place (every call of the client uses it, and
+        the first admitted uses it up); ``""``, a new place for this call, named by the refusal's
+        ticket; a ticket, the place that refusal took, so a client with several calls in flight
+        keeps one place per call instead of its calls taking each other's.
         """
-        self._admit(client, num_images, asyncio.get_running_loop().time())
+        self._admit(client, num_images, asyncio.get_running_loop().time(), ticket)
 
     def estimated_wait_s(self) -> float:
         """Time the model needs for everything queued now, at its measured speed (a retry hint)."""
@@ -266,7 +282,7 @@ class FairBatcher(Generic[T, R]):
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def _admit(self, client: str, num_images: int, now: float) -> None:
+    def _admit(self, client: str, num_images: int, now: float, ticket: str | None = None) -> None:
         cfg = self.config
         if num_images > cfg.max_queued_images_per_client:
             raise ValueError(
@@ -280,15 +296,21 @@ class FairBatcher(Generic[T, R]):
                 f"{cfg.max_queued_images_per_client}",
                 self._retry_after(mine),
             )
-        held = self._waitlist.ahead_of(client, now)
+        place = _place(client, ticket)
+        held = self._waitlist.ahead_of(place, now)
         excess = self._total_queued + held + num_images - cfg.max_queued_images
         if excess > 0:
             retry_after_s = self._retry_after(excess)  # until the model has made room for this one
-            self._waitlist.hold(client, num_images, retry_after_s, now)
+            if place is None:  # a call's first refusal: a new place, named by a fresh ticket
+                ticket = str(next(self._tickets))
+                place = _place(client, ticket)
+            if not self._waitlist.hold(place, num_images, retry_after_s, now):
+                ticket = None if ticket is None else ""  # no room in line: nothing to name
             raise QueueFull(
                 f"server queue full: {self._total_queued} images waiting + {held} held for earlier "
                 f"refused requests + {num_images} requested > {cfg.max_queued_images}",
                 retry_after_s,
+                ticket,
             )
 
     def _retry_after(self, images_ahead: int) -> float:
@@ -475,3 +497,11 @@ class FairBatcher(Generic[T, R]):
     def _notify_drop(self, reason: str, num_images: int) -> None:
         if self._observer is not None:
             self._observer.dropped(reason, num_images)
+
+
+def _place(client: str, ticket: str | None) -> str | None:
+    """The waitlist key of a call: the client's shared place without a ticket, the ticket's place with
+    one (scoped to the client, so no one can take another's), none for a call's first try."""
+    if ticket is None:
+        return client
+    return f"{client}\x00{ticket}" if ticket else None

@@ -22,7 +22,13 @@ from services.core.auth import AuthError, Principal, TokenAuthenticator
 from services.core.batcher import BatcherClosed, DeadlineExpired, FairBatcher, QueueFull
 from services.core.budget import DEFAULT_MAX_DECODED_PIXELS, BudgetExhausted, PixelBudget, Reservation
 from services.core.codec import Reserve
-from services.core.metadata_keys import CLIENT_KEY, RETRY_AFTER_KEY
+from services.core.metadata_keys import (
+    CLIENT_KEY,
+    MAX_TICKET_CHARS,
+    NEW_TICKET,
+    RETRY_AFTER_KEY,
+    RETRY_TICKET_KEY,
+)
 from services.core.metrics import ServerMetrics
 from services.core.packing import pack_groups
 from services.core.quota import QuotaExceeded, QuotaLimiter
@@ -307,7 +313,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self._charge_quota(client, num_images, rate)
         reservation = Reservation(self.pixel_budget, self.limits.max_pixels_per_request)
         try:
-            self._check_admission(batcher, client, num_images)
+            ticket = _retry_ticket(context)
+            self._check_admission(batcher, client, num_images, ticket)
             try:
                 jobs = await asyncio.to_thread(self._decode, request, scorer, reservation.take)
             except RequestError as exc:
@@ -315,7 +322,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             except BudgetExhausted as exc:
                 self.metrics.refused("memory")
                 raise _exhausted(str(exc), batcher.estimated_wait_s()) from None
-            results = await self._submit(batcher, client, jobs, context)
+            results = await self._submit(batcher, client, jobs, context, ticket)
         except BaseException:
             if self.quota is not None:
                 self.quota.refund(client, num_images)
@@ -333,13 +340,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             self.metrics.refused("quota")
             raise _exhausted(str(exc), exc.retry_after_s) from None
 
-    def _check_admission(self, batcher: FairBatcher, client: str, num_images: int) -> None:
+    def _check_admission(
+        self, batcher: FairBatcher, client: str, num_images: int, ticket: str | None
+    ) -> None:
         """Refuse early, before spending time and memory on decoding, when the queue cannot take it."""
         try:
-            batcher.check_admission(client, num_images)
+            batcher.check_admission(client, num_images, ticket)
         except QueueFull as exc:
             self.metrics.refused("queue_full")
-            raise _exhausted(str(exc), exc.retry_after_s) from None
+            raise _exhausted(str(exc), exc.retry_after_s, exc.ticket) from None
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -363,14 +372,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         client: str,
         jobs: list[tuple[list[int], ScoreBatch]],
         context: grpc.aio.ServicerContext,
+        ticket: str | None,
     ) -> list[JobResult | Exception]:
         try:
             return await batcher.submit(
-                client, [(job, len(job)) for _, job in jobs], timeout_s=context.time_remaining()
+                client,
+                [(job, len(job)) for _, job in jobs],
+                timeout_s=context.time_remaining(),
+                ticket=ticket,
             )
         except QueueFull as exc:
             self.metrics.refused("queue_full")
-            raise _exhausted(str(exc), exc.retry_after_s) from None
+            raise _exhausted(str(exc), exc.retry_after_s, exc.ticket) from None
         except ValueError as exc:  # a request that can never fit the queue
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DeadlineExpired as exc:
@@ -395,14 +408,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return score_response(parts, num_samples, scorer, self.limits)
 
 
-def _exhausted(message: str, retry_after_s: float) -> _Abort:
-    """RESOURCE_EXHAUSTED with the wait in the message and as ``retry-after-ms`` trailing metadata."""
+def _exhausted(message: str, retry_after_s: float, ticket: str | None = None) -> _Abort:
+    """RESOURCE_EXHAUSTED with the wait in the message and as ``retry-after-ms`` trailing metadata, and
+    the place in line the retry should name, if the refusal took one."""
     retry_ms = str(max(1, round(retry_after_s * 1000)))
-    return _Abort(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"{message}; retry after {retry_ms} ms",
-        ((RETRY_AFTER_KEY, retry_ms),),
-    )
+    trailing = ((RETRY_AFTER_KEY, retry_ms),) + (((RETRY_TICKET_KEY, ticket),) if ticket else ())
+    return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; retry after {retry_ms} ms", trailing)
 
 
 def _check_parsed(request: object) -> None:
@@ -442,6 +453,15 @@ def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     service = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+def _retry_ticket(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's place in line: None (not sent: the client's shared place), "" (a first try) or the
+    ticket of its last refusal."""
+    for key, value in context.invocation_metadata() or ():
+        if key == RETRY_TICKET_KEY and isinstance(value, str):
+            return "" if value == NEW_TICKET else value[:MAX_TICKET_CHARS]
+    return None
 
 
 def _declared_client(context: grpc.aio.ServicerContext) -> str | None:
