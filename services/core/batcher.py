@@ -304,13 +304,12 @@ class FairBatcher(Generic[T, R]):
             if place is None:  # a call's first refusal: a new place, named by a fresh ticket
                 ticket = str(next(self._tickets))
                 place = _place(client, ticket)
-            if not self._waitlist.hold(place, num_images, retry_after_s, now):
-                ticket = None if ticket is None else ""  # no room in line: nothing to name
+            held_place = self._waitlist.hold(place, num_images, retry_after_s, now)
             raise QueueFull(
                 f"server queue full: {self._total_queued} images waiting + {held} held for earlier "
                 f"refused requests + {num_images} requested > {cfg.max_queued_images}",
                 retry_after_s,
-                ticket,
+                ticket if held_place else None,  # no room in line: nothing to name
             )
 
     def _retry_after(self, images_ahead: int) -> float:

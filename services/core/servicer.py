@@ -455,17 +455,22 @@ def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service, handlers)
 
 
+def _metadata_value(context: grpc.aio.ServicerContext, wanted: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == wanted and isinstance(value, str):
+            return value
+    return None
+
+
 def _retry_ticket(context: grpc.aio.ServicerContext) -> str | None:
     """The call's place in line: None (not sent: the client's shared place), "" (a first try) or the
     ticket of its last refusal."""
-    for key, value in context.invocation_metadata() or ():
-        if key == RETRY_TICKET_KEY and isinstance(value, str):
-            return "" if value == NEW_TICKET else value[:MAX_TICKET_CHARS]
-    return None
+    value = _metadata_value(context, RETRY_TICKET_KEY)
+    if value is None:
+        return None
+    return "" if value == NEW_TICKET else value[:MAX_TICKET_CHARS]
 
 
 def _declared_client(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_KEY and isinstance(value, str) and value:
-            return "declared:" + value[:64]
-    return None
+    value = _metadata_value(context, CLIENT_KEY)
+    return "declared:" + value[:64] if value else None

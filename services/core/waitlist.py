@@ -10,10 +10,11 @@ request from anyone else is admitted only into room no earlier place is waiting 
 A place lapses if its client does not come back within its retry hint plus ``grace_s`` (it gave up, or
 its deadline passed), so a departed client blocks its room for at most that long. A place is keyed by
 the caller: either the client (all of its calls share one place, and whichever is admitted first uses
-it up) or one call of the client, named by the ticket its refusal carried. Shared places fail clients
-with several calls in flight: each admitted call sends its siblings to the back of the line (16
-clients with 3 calls each: one request needed 52 tries on an idle 2-core machine; 3 with a place per
-call). The places together
+it up) or one call of the client, named by the ticket its refusal carried. A shared place fails a
+client with several calls in flight: each admitted call sends its siblings to the back of the line (16
+clients with 3 calls each, idle 2-core machine: one request needed 52-102 tries; 48 clients with one
+call each: 3). Per-call places do not yet close that gap on an idle machine (docs/reliability.md).
+The places together
 hold at most ``capacity`` images (one full server queue); a refusal past that takes no place, so names
 made up by a caller can delay others by at most one queue's worth, as queueing real requests could.
 """
