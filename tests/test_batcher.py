@@ -384,6 +384,77 @@ def test_each_call_of_a_client_keeps_its_own_place_when_it_names_its_ticket(tick
     run(main())
 
 
+def test_a_call_in_line_keeps_its_place_while_its_own_client_queue_is_full() -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2, max_delay_ms=0, max_queued_images_per_client=2, max_queued_images=4
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("x", [("x0", 2)]))
+        await asyncio.sleep(0.05)  # in the model
+        others = [asyncio.ensure_future(batcher.submit(c, [(f"{c}0", 2)])) for c in ("y", "z")]
+        await asyncio.sleep(0.01)  # the server queue is full
+        with pytest.raises(QueueFull, match="server queue full") as refused:
+            batcher.check_admission("late", 2, "")
+        ticket = refused.value.ticket
+        for task in others:  # room again, beside the 2 images held for "late"
+            task.cancel()
+        await asyncio.sleep(0.01)
+        sibling = asyncio.ensure_future(batcher.submit("late", [("l0", 2)], ticket=""))
+        await asyncio.sleep(0.01)  # queued: "late"'s own queue is full now
+        with pytest.raises(QueueFull, match="client queue full") as again:
+            batcher.check_admission("late", 2, ticket)
+        assert ticket and again.value.ticket == ticket  # its place is named again, not lost
+        with pytest.raises(QueueFull, match="2 held"):
+            batcher.check_admission("newcomer", 2)
+        model.gate.set()
+        assert await sibling == ["L0"]
+        assert await batcher.submit("late", [("l1", 2)], ticket=ticket) == ["L1"]
+        await running
+        await batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("max_waiting_images", [16384, 4])
+def test_the_line_holds_every_refused_call_up_to_its_own_bound(max_waiting_images: int) -> None:
+    async def main() -> None:
+        model = Model()
+        model.gate.clear()
+        cfg = BatcherConfig(
+            max_batch_images=2,
+            max_delay_ms=0,
+            max_queued_images_per_client=4,
+            max_queued_images=4,
+            max_waiting_images=max_waiting_images,
+        )
+        batcher = FairBatcher(model, cfg)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("x", [("x0", 2)]))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit("y", [("y0", 2), ("y1", 2)]))
+        await asyncio.sleep(0.01)
+        tickets = []
+        for client in ("a", "b", "c"):  # 6 images refused at once, more than one server queue
+            with pytest.raises(QueueFull, match="server queue full") as refused:
+                batcher.check_admission(client, 2, "")
+            tickets.append(refused.value.ticket)
+        if max_waiting_images >= 6:
+            assert all(tickets)
+            with pytest.raises(QueueFull, match="6 held"):
+                batcher.check_admission("newcomer", 1, "")
+        else:  # the line is full after two places: the third call has none to name
+            assert all(tickets[:2]) and tickets[2] is None
+        model.gate.set()
+        await asyncio.gather(running, queued)
+        await batcher.close()
+
+    run(main())
+
+
 def test_a_place_in_line_lapses_when_its_client_does_not_retry() -> None:
     async def main() -> None:
         model = Model()

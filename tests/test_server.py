@@ -20,6 +20,7 @@ from services.client import RewardClient
 from services.compressibility import CompressibilityScorer
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
+from services.core.metadata_keys import NEW_TICKET, RETRY_AFTER_KEY, RETRY_TICKET_KEY
 from services.core.request import RequestLimits
 from services.core.server import SERVICE_NAME, RewardServer, ServerConfig
 from tests.conftest import MeanPixelScorer, running_server, solid_images
@@ -41,8 +42,8 @@ class NamedStub:
         self._stub = reward_pb2_grpc.RewardServiceStub(channel)
         self._metadata = (("x-e2po-client", name),)
 
-    def Score(self, request, **kw):
-        return self._stub.Score(request, metadata=self._metadata, **kw)
+    def Score(self, request, metadata=(), **kw):
+        return self._stub.Score(request, metadata=(*self._metadata, *metadata), **kw)
 
 
 def stub_for(port: int, channels: list[grpc.aio.Channel], name: str | None = None) -> NamedStub:
@@ -275,7 +276,7 @@ def test_queue_full_carries_a_retry_hint_and_the_client_retry_succeeds() -> None
                 await stub.Score(reward_pb2.ScoreRequest(samples=[sample()]), timeout=10)
             err = info.value
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            hint = dict(err.trailing_metadata())["retry-after-ms"]
+            hint = dict(err.trailing_metadata())[RETRY_AFTER_KEY]
             assert int(hint) >= 1 and "retry after" in err.details()
             async with RewardClient(f"127.0.0.1:{server.port}") as client:
                 retried = asyncio.ensure_future(client.score(solid_images([255]), "retry"))
@@ -284,6 +285,47 @@ def test_queue_full_carries_a_retry_hint_and_the_client_retry_succeeds() -> None
                 scores = await retried
             assert scores.values["meanpixel"].tolist() == [1.0]
             await asyncio.gather(running, waiting)
+            for channel in channels:
+                await channel.close()
+
+    run(main())
+
+
+def test_a_full_server_queue_names_the_call_s_place_in_line_and_keeps_it_for_that_ticket() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        scorer = MeanPixelScorer(gate=gate)
+        config = ServerConfig(
+            port=0,
+            batcher=BatcherConfig(
+                max_batch_images=2, max_delay_ms=0, max_queued_images_per_client=2, max_queued_images=4
+            ),
+        )
+        two = reward_pb2.ScoreRequest(samples=[sample()] * 2)
+        async with running_server(scorer, config) as server:
+            channels: list[grpc.aio.Channel] = []
+            running = asyncio.ensure_future(stub_for(server.port, channels).Score(two))
+            await asyncio.sleep(0.2)  # in the model
+            queued = [asyncio.ensure_future(stub_for(server.port, channels).Score(two)) for _ in range(2)]
+            await asyncio.sleep(0.2)  # 4 images waiting: the server queue is full
+            late = stub_for(server.port, channels, "late")
+
+            async def refusal(ticket: str | None) -> dict[str, str]:
+                metadata = () if ticket is None else ((RETRY_TICKET_KEY, ticket),)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await late.Score(two, metadata=metadata, timeout=10)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return dict(info.value.trailing_metadata())
+
+            first = await refusal(NEW_TICKET)
+            ticket = first[RETRY_TICKET_KEY]
+            assert ticket and ticket != NEW_TICKET and int(first[RETRY_AFTER_KEY]) >= 1
+            assert (await refusal(ticket))[RETRY_TICKET_KEY] == ticket  # the retry keeps that place
+            assert RETRY_TICKET_KEY not in await refusal(None)  # a client naming no ticket gets none
+            gate.set()
+            await asyncio.gather(running, *queued)
+            response = await late.Score(two, metadata=((RETRY_TICKET_KEY, ticket),), timeout=10)
+            assert [s.values["meanpixel"] for s in response.scores] == pytest.approx([10 / 255] * 2)
             for channel in channels:
                 await channel.close()
 

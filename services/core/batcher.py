@@ -77,6 +77,12 @@ class BatcherConfig:
     retry_grace_ms: float = 1000.0
     """A request refused for a full server queue keeps its place in line this long past its retry
     hint; a client that has not retried by then loses it (and the room it held is freed)."""
+    max_waiting_images: int = 16384
+    """Bound on the images the places in line hold together. It must exceed what every call refused
+    at once asks for, or the calls past it get no place and retry at random (16 clients × 3 calls
+    against a 48-image queue with a line of 48: one request needed 33 tries). Each place lapses
+    within its hint plus ``retry_grace_ms``, so client names made up without a token delay others by
+    at most that long."""
 
     @property
     def job_images(self) -> int:
@@ -98,6 +104,8 @@ class BatcherConfig:
             raise ValueError(f"active_window_ms must be >= 0, got {self.active_window_ms}")
         if self.retry_grace_ms < 0:
             raise ValueError(f"retry_grace_ms must be >= 0, got {self.retry_grace_ms}")
+        if self.max_waiting_images < 0:
+            raise ValueError(f"max_waiting_images must be >= 0, got {self.max_waiting_images}")
         if not 1 <= self.max_queued_images_per_client <= self.max_queued_images:
             raise ValueError(
                 "need 1 <= max_queued_images_per_client <= max_queued_images, got "
@@ -175,12 +183,13 @@ class FairBatcher(Generic[T, R]):
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._images_per_s: float | None = None  # smoothed model throughput, for retry hints
+        self._images_per_s: float | None = None  # smoothed service throughput, for retry hints
         self._model_free_since = float("-inf")  # loop time the last batch ended
+        self._backlog_at_free = False  # whether work was waiting when it ended
         self._cost = BatchCostModel()
         self._tickets = itertools.count(1)
         self._waitlist = Waitlist(
-            grace_s=self.config.retry_grace_ms / 1000.0, capacity=self.config.max_queued_images
+            grace_s=self.config.retry_grace_ms / 1000.0, capacity=self.config.max_waiting_images
         )
         slack = self.config.contention_latency_slack
         self._contention = (
@@ -289,14 +298,21 @@ class FairBatcher(Generic[T, R]):
                 f"request of {num_images} images can never fit the per-client queue of "
                 f"{cfg.max_queued_images_per_client}; split it"
             )
+        place = _place(client, ticket)
         mine = self._queued_images.get(client, 0)
         if mine + num_images > cfg.max_queued_images_per_client:
+            # Its queue drains at its fair share: one backlogged client's worth of the throughput.
+            backlogged = sum(1 for queue in self._queues.values() if queue)
+            over = mine + num_images - cfg.max_queued_images_per_client
+            retry_after_s = self._retry_after(over * backlogged)
+            # A call waiting in line keeps its place while its own client's queue drains.
+            kept = ticket is not None and place is not None and self._waitlist.keep(place, retry_after_s, now)
             raise QueueFull(
                 f"client queue full: {mine} images waiting + {num_images} requested > "
                 f"{cfg.max_queued_images_per_client}",
-                self._retry_after(mine),
+                retry_after_s,
+                ticket if kept else None,
             )
-        place = _place(client, ticket)
         held = self._waitlist.ahead_of(place, now)
         excess = self._total_queued + held + num_images - cfg.max_queued_images
         if excess > 0:
@@ -465,6 +481,10 @@ class FairBatcher(Generic[T, R]):
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[T, R]]) -> None:
         num_images = sum(job.size for job in batch)
+        # While work is backlogged, the time between two batch ends is what a batch costs the queue:
+        # the model's time plus the loop's between batches (answering, decoding, the flush delay).
+        # Hints from the model's time alone were 3x too short on a 2-core machine (tries per request).
+        service_from = self._model_free_since if self._backlog_at_free else loop.time()
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, [j.payload for j in batch])
@@ -477,10 +497,11 @@ class FairBatcher(Generic[T, R]):
             return
         finally:
             self._model_free_since = loop.time()
+            self._backlog_at_free = self._total_queued > 0
             seconds = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.batch_done(num_images, len(batch), seconds)
-        rate = num_images / max(seconds, 1e-6)
+        rate = num_images / max(self._model_free_since - service_from, seconds, 1e-6)
         self._images_per_s = rate if self._images_per_s is None else 0.8 * self._images_per_s + 0.2 * rate
         self._cost.observe(num_images, seconds)
         for job, result in zip(batch, results, strict=True):

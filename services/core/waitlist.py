@@ -13,10 +13,14 @@ the caller: either the client (all of its calls share one place, and whichever i
 it up) or one call of the client, named by the ticket its refusal carried. A shared place fails a
 client with several calls in flight: each admitted call sends its siblings to the back of the line (16
 clients with 3 calls each, idle 2-core machine: one request needed 52-102 tries; 48 clients with one
-call each: 3). Per-call places do not yet close that gap on an idle machine (docs/reliability.md).
-The places together
-hold at most ``capacity`` images (one full server queue); a refusal past that takes no place, so names
-made up by a caller can delay others by at most one queue's worth, as queueing real requests could.
+call each: 3). A call keeps its place while a refusal for its own client's full queue makes it wait
+(:meth:`Waitlist.keep`), since that is its siblings' work, not a lapse.
+
+The places together hold at most ``capacity`` images; a refusal past that takes no place. The bound
+must exceed what every call refused at once asks for: with a line of one 48-image queue, 16 clients
+× 3 calls left a third of the refused calls without a place, to retry at random, and one request
+needed 33 tries; with the line unbounded in practice, 7-13 (docs/reliability.md). Names made up by a
+caller without a token can hold places only until they lapse.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class _Place:
 
 
 class Waitlist:
-    """Clients waiting for room in the server queue, first refused first served."""
+    """Places waiting for room in the server queue, first refused first served; a place's key
+    names a client or one call of a client (:func:`services.core.batcher._place`)."""
 
     def __init__(self, grace_s: float, capacity: int) -> None:
         if grace_s < 0:
@@ -40,37 +45,45 @@ class Waitlist:
         self.capacity = capacity
         self._places: dict[str, _Place] = {}  # insertion order is the order in line
 
-    def ahead_of(self, client: str | None, now: float) -> int:
-        """Images held for the places ahead of ``client``'s (all of them if it holds none)."""
+    def ahead_of(self, key: str | None, now: float) -> int:
+        """Images held for the places ahead of ``key``'s (all of them if it holds none)."""
         self._expire(now)
         images = 0
         for holder, place in self._places.items():
-            if holder == client:
+            if holder == key:
                 break
             images += place.images
         return images
 
-    def hold(self, client: str, images: int, retry_after_s: float, now: float) -> bool:
-        """Keep (or take, at the back) ``client``'s place for ``images`` until its retry is due; False
+    def hold(self, key: str, images: int, retry_after_s: float, now: float) -> bool:
+        """Keep (or take, at the back) ``key``'s place for ``images`` until its retry is due; False
         when there is no room in line for a new place."""
         expires = now + retry_after_s + self.grace_s
-        place = self._places.get(client)
+        place = self._places.get(key)
         if place is None:
             if sum(p.images for p in self._places.values()) + images > self.capacity:
                 return False
-            self._places[client] = _Place(images, expires)
+            self._places[key] = _Place(images, expires)
         else:  # a retry that is refused again keeps its place in line
             place.images = max(place.images, images)
             place.expires = max(place.expires, expires)
         return True
 
-    def release(self, client: str) -> None:
-        """The client was admitted: its place is used up."""
-        self._places.pop(client, None)
+    def keep(self, key: str, retry_after_s: float, now: float) -> bool:
+        """Extend ``key``'s place, if it still has one, until its retry is due; whether it had one."""
+        self._expire(now)
+        place = self._places.get(key)
+        if place is not None:
+            place.expires = max(place.expires, now + retry_after_s + self.grace_s)
+        return place is not None
+
+    def release(self, key: str) -> None:
+        """The place's caller was admitted: its place is used up."""
+        self._places.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._places)
 
     def _expire(self, now: float) -> None:
-        for client in [c for c, p in self._places.items() if p.expires <= now]:
-            del self._places[client]
+        for key in [k for k, p in self._places.items() if p.expires <= now]:
+            del self._places[key]
