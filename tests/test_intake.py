@@ -8,6 +8,8 @@ closed, each client has a bounded number, and their buffered parts count against
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ from services.core.request import RequestLimits
 from services.core.server import SERVICE_NAME, ServerConfig
 from services.core.servicer import IntakeLimits
 from services.core.wire import (
+    SCORE_METHOD,
     SCORE_STREAM_METHOD,
     UNKNOWN_FIELDS_PER_BODY,
     ReadBounds,
@@ -40,6 +43,15 @@ RAW_1X1 = (b"\x0a\x0b" + b"\x0a\x09\x10\x01\x18\x01\x22\x03abc") * 10_000
 GROUP_OF_FIELDS = b"\x1b" + b"\x10\x01" * 100_000 + b"\x1c"  # field 3 as a group: only the library reads it
 # Not canonical (the first sample's prompt twice), then many samples: left to the library, counted first.
 MERGED_THEN_SAMPLES = b"\x0a\x06\x12\x01a\x12\x01b" + b"\x0a\x00" * 100_000
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
 
 
 def run(coro, timeout: float = 60):
@@ -159,6 +171,46 @@ def test_a_stalled_stream_is_closed_after_the_idle_timeout_and_its_bytes_given_b
                 assert reply.scores[0].values["meanpixel"] == pytest.approx(51 / 255)
 
     run(main())
+
+
+@pytest.mark.parametrize("how", ["stalled stream", "unary body"])
+def test_a_refused_body_is_freed_when_its_call_ends_not_at_some_later_collection(how: str) -> None:
+    """With the garbage collector off, a refused body's memory must still come back: grpc keeps the
+    exception of an aborted call in a reference cycle, and bytes never trigger a collection."""
+    body = b"\x7a" + _varint(20_000_000) + bytes(20_000_000)  # one unknown 20 MB field
+
+    async def main() -> int:
+        config = ServerConfig(port=0, intake=IntakeLimits(stream_idle_timeout_s=0.3))
+        async with running_server(MeanPixelScorer(), config) as server:
+            options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+                before = tracemalloc.get_traced_memory()[0]
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    if how == "stalled stream":
+                        await await_stalled(channel, body)
+                    else:
+                        await channel.unary_unary(SCORE_METHOD)(body, timeout=10)
+                assert info.value.code() in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+                await asyncio.sleep(0.2)
+                return tracemalloc.get_traced_memory()[0] - before
+
+    async def await_stalled(channel: grpc.aio.Channel, part: bytes) -> None:
+        call = channel.stream_unary(SCORE_STREAM_METHOD)(timeout=10)
+        await call.write(part)
+        await call
+
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        grown = run(main())
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert grown < 5_000_000, f"{grown / 1e6:.0f} MB of Python objects left after the call"
 
 
 def test_streams_per_client_are_bounded_and_other_clients_are_not() -> None:
