@@ -36,10 +36,10 @@ from bench.sd35m import SD35MConfigs, full_configs, sd35m_pipeline, tiny_configs
 from services.core.server import RewardServer, ServerConfig
 from services.pickscore import PickScoreScorer
 from shapes.prompts import all_metadata
-from trainer.config import ModelConfig, RewardSpec, TrainConfig, build_config
+from trainer.config import TrainConfig, build_config
 from trainer.loop import Trainer
-from trainer.model import FlowModel, assemble
-from trainer.rewards import RewardSet
+from trainer.model import FlowModel, ModelConfig, assemble
+from trainer.rewards import RewardSet, RewardSpec
 from trainer.text import SD3TextEncoder
 
 PHASES = ("perturb", "rollout", "decode", "reward_wait", "update", "iteration")

@@ -156,8 +156,7 @@ def _flow_model(scale: Scale, dtype: torch.dtype) -> Any:
     """SD3.5-M transformer at random init with θ and θ_old adapters, wrapped as the trainer's FlowModel."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from trainer.config import ModelConfig
-    from trainer.model import FlowModel, add_policy_adapters
+    from trainer.model import FlowModel, ModelConfig, add_policy_adapters
 
     device = _device()
     torch.manual_seed(0)
@@ -189,9 +188,9 @@ def _condition(scale: Scale, rows: int, dtype: torch.dtype, device: torch.device
 
 
 def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any]:
-    from trainer.config import RolloutConfig
     from trainer.model import OLD, POLICY, use_adapter
     from trainer.rollout import (
+        RolloutConfig,
         RolloutPlan,
         draw_noise,
         iterate_chunks,
@@ -241,10 +240,10 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
 
 
 def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: str) -> dict[str, Any]:
-    from trainer.config import NFTConfig, OptimConfig
     from trainer.model import POLICY, adapter_params
+    from trainer.nft import NFTConfig
     from trainer.rollout import sample_sigmas
-    from trainer.update import TrainBatch, nft_update, train_sigmas
+    from trainer.update import OptimConfig, TrainBatch, nft_update, train_sigmas
 
     optimizer = torch.optim.AdamW(adapter_params(model.transformer, POLICY), lr=3e-4, weight_decay=1e-4)
     prepared, optimizer = accelerator.prepare(model.transformer, optimizer)

@@ -39,10 +39,10 @@ from bench.processes import reward_server
 from bench.scorers import SleepingScorer
 from services.core.server import RewardServer, ServerConfig
 from shapes.model import ShapesModelConfig, build_tiny
-from trainer.config import ModelConfig, RewardSpec, TrainConfig, build_config
+from trainer.config import TrainConfig, build_config
 from trainer.loop import Trainer
-from trainer.model import FlowModel, assemble, load_model, resolve_path
-from trainer.rewards import RewardSet
+from trainer.model import FlowModel, ModelConfig, assemble, load_model, resolve_path
+from trainer.rewards import RewardSet, RewardSpec
 from trainer.text import SD3TextEncoder
 
 Serving = Literal["separate process", "embedded"]

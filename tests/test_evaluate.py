@@ -17,9 +17,10 @@ from services.core.server import ServerConfig
 from services.geneval.prompts import images_per_record
 from tests.conftest import MeanPixelScorer, running_server
 from tests.tiny_sd3 import tiny_model
-from trainer.config import RewardSpec, build_config
+from trainer.config import build_config
 from trainer.evaluate import evaluate_model, markdown_table, summarise
 from trainer.model import POLICY, merge_adapter, use_adapter
+from trainer.rewards import RewardSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from services.geneval.scorer import OUTPUTS as GENEVAL_OUTPUTS
 from services.geneval.scorer import GenEvalScorer
 from shapes.prompts import all_metadata
 from tests.conftest import running_server
@@ -210,6 +211,8 @@ def test_geneval_k12_runs_resumes_and_exports_on_the_hub_layout(model_dir: Path,
         32,
         64,
     )  # the preset's, alpha ≠ r
+    # The endpoint named no output: config.json records the one the run used, the service's first.
+    assert [spec["output"] for spec in config["reward"]["rewards"]] == [GENEVAL_OUTPUTS[0]]
 
     # The export on this layout, through diffusers alone, equals the checkpoint's EMA adapter.
     model, _ = preset_model(model_dir)

@@ -12,10 +12,10 @@ import torch
 from services.core.server import ServerConfig
 from tests.conftest import MeanPixelScorer, running_server
 from tests.tiny_sd3 import tiny_model
-from trainer.config import RewardSpec, TrainConfig, build_config
+from trainer.config import TrainConfig, build_config
 from trainer.loop import Trainer
 from trainer.model import OLD, POLICY, adapter_state
-from trainer.rewards import RewardSet
+from trainer.rewards import RewardSet, RewardSpec
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a square", "three crosses"]
 

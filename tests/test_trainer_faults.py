@@ -13,9 +13,8 @@ from services.core.server import RewardServer, ServerConfig
 from tests.conftest import MeanPixelScorer
 from tests.test_trainer_e2e import tiny_config
 from tests.tiny_sd3 import tiny_model
-from trainer.config import RewardSpec
 from trainer.loop import Trainer
-from trainer.rewards import RewardSet, RewardUnavailable
+from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
 
 
 def free_port() -> int:

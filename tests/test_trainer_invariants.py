@@ -22,11 +22,11 @@ from accelerate import Accelerator
 from tests.test_trainer_e2e import run_training, tiny_config
 from tests.tiny_sd3 import tiny_model
 from trainer import loop
-from trainer.config import NFTConfig, OptimConfig
 from trainer.model import OLD, POLICY, adapter_named_params, adapter_state, load_adapter_state, use_adapter
+from trainer.nft import NFTConfig
 from trainer.rollout import sample, sample_sigmas
 from trainer.text import Conditioning
-from trainer.update import TrainBatch, nft_update, train_sigmas
+from trainer.update import OptimConfig, TrainBatch, nft_update, train_sigmas
 
 G, K = 2, 3
 

@@ -12,8 +12,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from services.clip_shared.tokenizer import clip_tokenizer
-from trainer.config import ModelConfig
-from trainer.model import FlowModel, assemble
+from trainer.model import FlowModel, ModelConfig, assemble
 from trainer.text import SD3TextEncoder
 
 

@@ -8,208 +8,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.geneval.metadata import TAGS as GENEVAL_TAGS
+from trainer.model import ModelConfig
+from trainer.nft import NFTConfig
 from trainer.perturb import PerturbConfig
-from trainer.validation import check, check_literals, positive
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Which flow model to fine-tune and how its adapters look."""
-
-    path: str = "stabilityai/stable-diffusion-3.5-medium"
-    """Hub id or local directory in the SD3 pipeline layout (transformer/, text_encoder*/, tokenizer*/,
-    scheduler/, optional vae/ and text_encoder_3/). ``shapes`` = the shipped shapes-world model."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
-    """dtype of the frozen weights (Table 3: fp16 mixed precision). LoRA weights stay float32."""
-    use_t5: bool = True
-    """Load T5-XXL when the model has it; False fills its sequence slots with zeros, as diffusers does."""
-    max_sequence_length: int = 128
-    """T5 tokens in the conditioning (DiffusionNFT uses 128)."""
-    resolution: int = 512
-    """Image side in pixels (ignored in pixel-space models, whose size is the transformer's sample_size)."""
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    """LoRA target modules (REFERENCE §2); suffix match also covers SD3.5's dual-attention attn2.*."""
-    gradient_checkpointing: bool = False
-    scheduler_shift: float | None = None
-    """Timestep shift of the σ grid the rollouts run on. None keeps the model's own scheduler config
-    (SD3.5-M: 3.0; the shapes prior: 1.0, what it was trained with); a value replaces it, e.g. 3.0 to run
-    the shapes prior on SD3.5-M's grid, where the noise-aware schedule perturbs 7 of 10 steps, not 4."""
-
-    def __post_init__(self) -> None:
-        check_literals("model", self)
-        if self.scheduler_shift is not None:
-            positive("model", self, "scheduler_shift")
-        check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
-        positive("model", self, "max_sequence_length", strict=False)
-        positive("model", self, "resolution", "lora_rank", "lora_alpha")
-        check("model", "lora_targets", self.lora_targets, bool(self.lora_targets), "at least one module")
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """Where prompts (and their reward metadata) come from."""
-
-    train: str = "shapes"
-    """JSONL file of {"prompt", ...metadata} records (GenEval metadata format), or ``shapes`` for the
-    shapes world's generated train split."""
-    test: str = "shapes"
-    """Held-out prompts for evaluation, same format."""
-    num_prompts: int = 48
-    """Prompts per iteration, over all ranks (each prompt gets G·K samples). **choice**: DiffusionNFT's
-    48 groups per epoch."""
-    train_tags: tuple[str, ...] = ()
-    """Train only on records with these GenEval tags (empty: every record). The held-out set is not
-    filtered, so a run trained on a few easy tags can saturate its training reward while the held-out
-    score still has room (the ``shapes-collapse`` preset)."""
-    balance_by_tag: bool = True
-    """Draw training prompts tag by tag in turn (every tag trains equally, however few prompts it has),
-    or uniformly over the records (False). A tag with fewer prompts than its share of an iteration's
-    draws repeats them within the iteration, and repeated draws of a prompt form one group."""
-
-    def __post_init__(self) -> None:
-        for name in ("train", "test"):
-            check("data", name, getattr(self, name), bool(getattr(self, name)), "a JSONL path or 'shapes'")
-        positive("data", self, "num_prompts")
-        unknown = [t for t in self.train_tags if t not in GENEVAL_TAGS]
-        check("data", "train_tags", self.train_tags, not unknown, f"GenEval tags from {list(GENEVAL_TAGS)}")
-
-
-@dataclass(kw_only=True)
-class RolloutConfig:
-    """Sampling of the exploration set: G noises × K conditions per prompt."""
-
-    num_noises: int = 4
-    """G in the paper: latent noises per prompt, each shared across the K conditions (Eq. 8)."""
-    num_conditions: int = 12
-    """K in the paper: the original condition plus K − 1 optimised perturbations. K = 1 is DiffusionNFT."""
-    num_steps: int = 10
-    """Sampler steps for rollouts (Table 3: train sample steps 10)."""
-    sampler: Literal["dpm2m", "euler"] = "dpm2m"
-    """DPM-Solver++(2M) as DiffusionNFT; Euler as an option."""
-    rho: float = 0.4
-    """Noise-aware schedule width (Eq. 13): perturbation only while σ > 1 − ρ."""
-    schedule: Literal["noise_aware", "static"] = "noise_aware"
-    """``static`` applies the perturbed condition at every step (ablation)."""
-    include_original: bool = True
-    """Reference-anchored batching: one of the K conditions is C_orig. False = all K perturbed (ablation)."""
-    train_condition: Literal["original", "generating"] = "original"
-    """Decoupled optimisation: updates condition on C_orig (default) or on the condition that
-    generated the sample (ablation)."""
-    batch_size: int = 16
-    """Samples per transformer forward during rollout (memory knob; does not change results)."""
-
-    def __post_init__(self) -> None:
-        check_literals("rollout", self)
-        positive("rollout", self, "num_noises", "num_conditions", "num_steps", "batch_size")
-        check("rollout", "rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
-
-
-@dataclass(kw_only=True)
-class NFTConfig:
-    """DiffusionNFT objective (REFERENCE §2)."""
-
-    nft_beta: float = 1.0
-    kl_weight: float = 1e-4
-    adv_clip: float = 5.0
-    std_mode: Literal["global", "group"] = "global"
-    old_decay: Literal["linear", "none", "ocr"] = "linear"
-    train_timestep_fraction: float = 0.99
-    """Train on the first int(fraction·steps) of each sample's shuffled sampler timesteps (9 of 10, as
-    DiffusionNFT computes it)."""
-    ema: bool = True
-
-    def __post_init__(self) -> None:
-        check_literals("nft", self)
-        positive("nft", self, "nft_beta", "adv_clip")
-        positive("nft", self, "kl_weight", strict=False)
-        fraction = self.train_timestep_fraction
-        check("nft", "train_timestep_fraction", fraction, 0 < fraction <= 1, "in (0, 1]")
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Max global gradient norm; 0 disables clipping."""
-    train_batch_size: int = 8
-    """Samples per training forward."""
-    optimizer_steps_per_iteration: int = 1
-    """**choice**: Table 3's "grad-accum per epoch 1" read as one optimiser step per iteration, the
-    gradient accumulated over all of the iteration's samples and train timesteps."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-
-    def __post_init__(self) -> None:
-        check_literals("optim", self)
-        positive("optim", self, "lr", "eps", "train_batch_size", "optimizer_steps_per_iteration")
-        positive("optim", self, "weight_decay", "grad_clip", strict=False)  # grad_clip 0: no clipping
-        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
-        check("optim", "betas", self.betas, ok, "two values in [0, 1)")
-
-
-@dataclass(kw_only=True)
-class RewardSpec:
-    """One reward: a service endpoint (or a locally started one) and its weight in R = Σ w·R_k."""
-
-    name: str
-    """Service name, e.g. ``geneval``; also the prefix of its logged metrics."""
-    output: str = ""
-    """Which per-sample output is the reward (default: the service's first declared output)."""
-    weight: float = 1.0
-    endpoint: str = ""
-    """HOST:PORT of a running service; empty = start one locally with ``local_args``."""
-    local_args: tuple[str, ...] = ()
-    """Arguments after ``python -m services.serve NAME`` when started locally."""
-
-    def __post_init__(self) -> None:
-        check("reward", "name", self.name, bool(self.name), "a service name")
-        check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")
-
-
-@dataclass(kw_only=True)
-class RewardConfig:
-    rewards: list[RewardSpec] = field(default_factory=list)
-    timeout_s: float = 600.0
-    """Deadline for one chunk's scores, retries included; past it the run fails with a clear error."""
-    token_env: str = "E2PO_REWARD_TOKEN"
-    """Environment variable holding the bearer token (tokens never go into config.json)."""
-    connect_timeout_s: float = 120.0
-    """How long the start waits for each reward service to answer (a pod still being scheduled);
-    past it the run stops with the endpoint named."""
-
-    def __post_init__(self) -> None:
-        positive("reward", self, "timeout_s", "connect_timeout_s")
-        for spec in self.rewards:
-            spec.__post_init__()
+from trainer.prompts import DataConfig
+from trainer.rewards import RewardConfig, RewardSpec
+from trainer.rollout import RolloutConfig
+from trainer.update import OptimConfig
+from trainer.validation import check, positive
 
 
 @dataclass(kw_only=True)
 class RunConfig:
+    """The run itself: its name, seed, length, where it writes and on which device."""
+
     preset: str = "custom"
+    """Which preset the config came from (recorded, so two runs side by side are told apart)."""
     seed: int = 42
+    """Seed of every draw of the run: prompts, noises, perturbation inits, training timesteps
+    (Table 3: 42); draws are keyed by it, so a resumed run repeats them exactly (trainer.seeding)."""
     iterations: int = 300
     """Total iterations of the run (a resumed run continues up to this number)."""
     out: str = "runs/e2po"
+    """Run directory: config.json, metrics, checkpoints, TensorBoard events."""
     checkpoint_every: int = 10
+    """Iterations between checkpoints (the last iteration is always saved)."""
     plot_every: int = 1
+    """Iterations between updates of the run's curve plots; 0 never plots."""
     eval_every: int = 0
     """Must be 0: the loop does not evaluate; ``python -m trainer.evaluate --run DIR`` evaluates a
     checkpoint (and adds its grid and scores to the run's TensorBoard). Kept so saved configs load."""
     device: str = "auto"
+    """torch device the model loads on; ``auto``: CUDA when available, else the CPU."""
 
     def __post_init__(self) -> None:
         positive("run", self, "seed", "iterations", "plot_every", "eval_every", strict=False)
@@ -222,6 +58,8 @@ class RunConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """A whole run: one section per component, each defined and documented next to its code."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)

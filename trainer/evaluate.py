@@ -31,13 +31,13 @@ from services.geneval.metadata import TAGS
 from services.geneval.prompts import images_per_record
 from trainer import checkpoint as ckpt
 from trainer import children
-from trainer.config import RolloutConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
 from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, merge_adapter, use_adapter
 from trainer.prompts import Record, load_records, reward_metadata
 from trainer.rewards import RewardSet, RewardUnavailable
-from trainer.rollout import sample, sample_sigmas
+from trainer.rollout import RolloutConfig, sample, sample_sigmas
 from trainer.run import parse_endpoint, pick_device
 
 TAG_INDICATOR = "geneval/tag/"

@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -23,11 +23,53 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from trainer.config import ModelConfig
 from trainer.text import SD3TextEncoder
+from trainer.validation import check, check_literals, positive
 
 POLICY, OLD = "default", "old"
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "shapes" / "weights"
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which flow model to fine-tune and how its adapters look."""
+
+    path: str = "stabilityai/stable-diffusion-3.5-medium"
+    """Hub id or local directory in the SD3 pipeline layout (transformer/, text_encoder*/, tokenizer*/,
+    scheduler/, optional vae/ and text_encoder_3/). ``shapes`` = the shipped shapes-world model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    """dtype of the frozen weights (Table 3: fp16 mixed precision). LoRA weights stay float32."""
+    use_t5: bool = True
+    """Load T5-XXL when the model has it; False fills its sequence slots with zeros, as diffusers does."""
+    max_sequence_length: int = 128
+    """T5 tokens in the conditioning (DiffusionNFT uses 128)."""
+    resolution: int = 512
+    """Image side in pixels (ignored in pixel-space models, whose size is the transformer's sample_size)."""
+    lora_rank: int = 32
+    """LoRA rank r of both adapters, θ and θ_old (Table 3: 32)."""
+    lora_alpha: int = 64
+    """LoRA α; the update is scaled by α / r (Table 3: 64, so 2)."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """LoRA target modules (REFERENCE §2); suffix match also covers SD3.5's dual-attention attn2.*."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer's activations in the backward pass (memory for time; same result)."""
+    scheduler_shift: float | None = None
+    """Timestep shift of the σ grid the rollouts run on. None keeps the model's own scheduler config
+    (SD3.5-M: 3.0; the shapes prior: 1.0, what it was trained with); a value replaces it, e.g. 3.0 to run
+    the shapes prior on SD3.5-M's grid, where the noise-aware schedule perturbs 7 of 10 steps, not 4."""
+
+    def __post_init__(self) -> None:
+        check_literals("model", self)
+        if self.scheduler_shift is not None:
+            positive("model", self, "scheduler_shift")
+        check("model", "path", self.path, bool(self.path), "a hub id, a local directory or 'shapes'")
+        positive("model", self, "max_sequence_length", strict=False)
+        positive("model", self, "resolution", "lora_rank", "lora_alpha")
+        check("model", "lora_targets", self.lora_targets, bool(self.lora_targets), "at least one module")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,7 +1,8 @@
 """DiffusionNFT objective: group advantages, optimality probability, the NFT loss and the policy schedules.
 
-Every formula follows REFERENCE.md §2 (DiffusionNFT as E2PO runs it). The functions are pure: tensors in,
-tensors out, no optimiser, adapter or distributed state; the training loop owns those.
+Every formula follows REFERENCE.md §2 (DiffusionNFT as E2PO runs it); NFTConfig holds its settings. The
+functions are pure: tensors in, tensors out, no optimiser, adapter or distributed state; the training
+loop owns those.
 
 Notation: ``nft_beta`` is the NFT guidance strength β of the implicit positive/negative policies,
 ``kl_weight`` the weight of the velocity-space KL to the base model, ``adv_clip`` the advantage clip that
@@ -13,10 +14,49 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from trainer.validation import check, check_literals, positive
+
+
+@dataclass(kw_only=True)
+class NFTConfig:
+    """DiffusionNFT objective (REFERENCE §2)."""
+
+    nft_beta: float = 1.0
+    """β: guidance strength of the implicit positive and negative policies v^± (DiffusionNFT's default
+    1.0; REFERENCE §2). The policy loss is divided by it."""
+    kl_weight: float = 1e-4
+    """Weight of the velocity-space KL, mean (v_θ − v_ref)², to the base model (Table 3: KL 1e-4); 0
+    skips the reference forward."""
+    adv_clip: float = 5.0
+    """c: advantages are clipped to ±c before r = A/(2c) + 0.5, and c scales the policy loss (Z_c = c·std
+    in the paper's Eq. 3; DiffusionNFT: 5)."""
+    std_mode: Literal["global", "group"] = "global"
+    """Advantage scale: the std over all of an iteration's samples (DiffusionNFT's ``global_std=True``) or
+    each prompt group's own std."""
+    old_decay: Literal["linear", "none", "ocr"] = "linear"
+    """Schedule of d in θ_old ← d·θ_old + (1 − d)·θ after each iteration: ``linear`` min(0.001·step, 0.5)
+    (DiffusionNFT's default), ``none`` θ_old = θ, ``ocr`` DiffusionNFT's OCR schedule
+    (:func:`old_policy_decay`)."""
+    train_timestep_fraction: float = 0.99
+    """Train on the first int(fraction·steps) of each sample's shuffled sampler timesteps (9 of 10, as
+    DiffusionNFT computes it)."""
+    ema: bool = True
+    """Keep the EMA of θ, decay min((1 + s)/(10 + s), 0.9), that evaluation and exported weights use
+    (Table 3: EMA on)."""
+
+    def __post_init__(self) -> None:
+        check_literals("nft", self)
+        positive("nft", self, "nft_beta", "adv_clip")
+        positive("nft", self, "kl_weight", strict=False)
+        fraction = self.train_timestep_fraction
+        check("nft", "train_timestep_fraction", fraction, 0 < fraction <= 1, "in (0, 1]")
+
 
 # Lower bound of the per-sample loss normaliser w± (REFERENCE §2).
 WEIGHT_FLOOR = 1e-5

@@ -9,12 +9,45 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from services.geneval.metadata import TAGS as GENEVAL_TAGS
+from trainer.validation import check, positive
+
 Record = dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where prompts (and their reward metadata) come from."""
+
+    train: str = "shapes"
+    """JSONL file of {"prompt", ...metadata} records (GenEval metadata format), or ``shapes`` for the
+    shapes world's generated train split."""
+    test: str = "shapes"
+    """Held-out prompts for evaluation, same format."""
+    num_prompts: int = 48
+    """Prompts per iteration, over all ranks (each prompt gets G·K samples). **choice**: DiffusionNFT's
+    48 groups per epoch."""
+    train_tags: tuple[str, ...] = ()
+    """Train only on records with these GenEval tags (empty: every record). The held-out set is not
+    filtered, so a run trained on a few easy tags can saturate its training reward while the held-out
+    score still has room (the ``shapes-collapse`` preset)."""
+    balance_by_tag: bool = True
+    """Draw training prompts tag by tag in turn (every tag trains equally, however few prompts it has),
+    or uniformly over the records (False). A tag with fewer prompts than its share of an iteration's
+    draws repeats them within the iteration, and repeated draws of a prompt form one group."""
+
+    def __post_init__(self) -> None:
+        for name in ("train", "test"):
+            check("data", name, getattr(self, name), bool(getattr(self, name)), "a JSONL path or 'shapes'")
+        positive("data", self, "num_prompts")
+        unknown = [t for t in self.train_tags if t not in GENEVAL_TAGS]
+        check("data", "train_tags", self.train_tags, not unknown, f"GenEval tags from {list(GENEVAL_TAGS)}")
 
 
 def load_records(source: str, split: str, seed: int = 0) -> list[Record]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,49 @@ import torch
 from services.client import RewardClient, RewardError
 from services.core.server import READY_PREFIX
 from trainer import children
-from trainer.config import RewardConfig, RewardSpec
+from trainer.validation import check, positive
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class RewardSpec:
+    """One reward: a service endpoint (or a locally started one) and its weight in R = Σ w·R_k."""
+
+    name: str
+    """Service name, e.g. ``geneval``; also the prefix of its logged metrics."""
+    output: str = ""
+    """Which per-sample output is the reward (default: the service's first declared output)."""
+    weight: float = 1.0
+    """w_k in R = Σ_k w_k·R_k (a weighted sum of raw scores, as DiffusionNFT)."""
+    endpoint: str = ""
+    """HOST:PORT of a running service; empty = start one locally with ``local_args``."""
+    local_args: tuple[str, ...] = ()
+    """Arguments after ``python -m services.serve NAME`` when started locally."""
+
+    def __post_init__(self) -> None:
+        check("reward", "name", self.name, bool(self.name), "a service name")
+        check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """The rewards of a run and how long to wait for them."""
+
+    rewards: list[RewardSpec] = field(default_factory=list)
+    """Every reward summed into R; at least one (a preset's, or ``--reward-endpoint``)."""
+    timeout_s: float = 600.0
+    """Deadline for one chunk's scores, retries included; past it the run fails with a clear error."""
+    token_env: str = "E2PO_REWARD_TOKEN"
+    """Environment variable holding the bearer token (tokens never go into config.json)."""
+    connect_timeout_s: float = 120.0
+    """How long the start waits for each reward service to answer (a pod still being scheduled);
+    past it the run stops with the endpoint named."""
+
+    def __post_init__(self) -> None:
+        positive("reward", self, "timeout_s", "connect_timeout_s")
+        for spec in self.rewards:
+            spec.__post_init__()
 
 
 class RewardUnavailable(RuntimeError):

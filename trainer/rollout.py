@@ -15,14 +15,45 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from trainer.config import RolloutConfig
 from trainer.model import FlowModel
 from trainer.sampler import perturbation_weight
 from trainer.sampler import sample as ode_sample
 from trainer.text import Conditioning
+from trainer.validation import check, check_literals, positive
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Sampling of the exploration set: G noises × K conditions per prompt."""
+
+    num_noises: int = 4
+    """G in the paper: latent noises per prompt, each shared across the K conditions (Eq. 8)."""
+    num_conditions: int = 12
+    """K in the paper: the original condition plus K − 1 optimised perturbations. K = 1 is DiffusionNFT."""
+    num_steps: int = 10
+    """Sampler steps for rollouts (Table 3: train sample steps 10)."""
+    sampler: Literal["dpm2m", "euler"] = "dpm2m"
+    """DPM-Solver++(2M) as DiffusionNFT; Euler as an option."""
+    rho: float = 0.4
+    """Noise-aware schedule width (Eq. 13): perturbation only while σ > 1 − ρ."""
+    schedule: Literal["noise_aware", "static"] = "noise_aware"
+    """``static`` applies the perturbed condition at every step (ablation)."""
+    include_original: bool = True
+    """Reference-anchored batching: one of the K conditions is C_orig. False = all K perturbed (ablation)."""
+    train_condition: Literal["original", "generating"] = "original"
+    """Decoupled optimisation: updates condition on C_orig (default) or on the condition that
+    generated the sample (ablation)."""
+    batch_size: int = 16
+    """Samples per transformer forward during rollout (memory knob; does not change results)."""
+
+    def __post_init__(self) -> None:
+        check_literals("rollout", self)
+        positive("rollout", self, "num_noises", "num_conditions", "num_steps", "batch_size")
+        check("rollout", "rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
 
 
 @dataclass

@@ -18,10 +18,10 @@ import torch
 
 from trainer import children
 from trainer.checkpoint import CheckpointError
-from trainer.config import PRESETS, RewardSpec, TrainConfig, apply_override, build_config
+from trainer.config import PRESETS, TrainConfig, apply_override, build_config
 from trainer.loop import Trainer
 from trainer.model import load_model
-from trainer.rewards import RewardSet, RewardUnavailable
+from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
 
 log = logging.getLogger("trainer")
 
@@ -107,6 +107,10 @@ async def train(cfg: TrainConfig, run_dir: Path, resume: Path | None) -> None:
     rewards = RewardSet(cfg.reward)
     try:
         await rewards.start()
+        # Saved once the services have filled in what the config left open (each reward's output), so
+        # config.json is the config the run used; under torchrun/accelerate only rank 0 writes it.
+        if int(os.environ.get("RANK", "0")) == 0:
+            cfg.save(run_dir / "config.json")
         trainer = Trainer(cfg, model, rewards, run_dir, resume=resume)
         await trainer.train()
     finally:
@@ -122,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate only rank 0 writes the config
-        cfg.save(run_dir / "config.json")
     torch.manual_seed(cfg.run.seed)
     children.stop_on_sigterm()
     try:

@@ -12,14 +12,45 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 
-from trainer.config import NFTConfig, OptimConfig
 from trainer.model import OLD, POLICY, FlowModel, use_adapter
-from trainer.nft import nft_loss
+from trainer.nft import NFTConfig, nft_loss
 from trainer.text import Conditioning
+from trainer.validation import check, check_literals, positive
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW on the LoRA weights of θ (REFERENCE §2, Table 3)."""
+
+    lr: float = 3e-4
+    """Policy learning rate (Table 3: 3e-4)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (β1, β2) (DiffusionNFT's defaults)."""
+    weight_decay: float = 1e-4
+    """AdamW decoupled weight decay (Table 3: 1e-4)."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    grad_clip: float = 1.0
+    """Max global gradient norm before each optimiser step (Table 3: 1.0); 0 disables clipping."""
+    train_batch_size: int = 8
+    """Samples per training forward."""
+    optimizer_steps_per_iteration: int = 1
+    """**choice**: Table 3's "grad-accum per epoch 1" read as one optimiser step per iteration, the
+    gradient accumulated over all of the iteration's samples and train timesteps."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    """accelerate's autocast for the forwards (Table 3: fp16); the NFT loss itself runs in float32."""
+
+    def __post_init__(self) -> None:
+        check_literals("optim", self)
+        positive("optim", self, "lr", "eps", "train_batch_size", "optimizer_steps_per_iteration")
+        positive("optim", self, "weight_decay", "grad_clip", strict=False)  # grad_clip 0: no clipping
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        check("optim", "betas", self.betas, ok, "two values in [0, 1)")
 
 
 @dataclass
