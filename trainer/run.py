@@ -107,14 +107,18 @@ async def train(cfg: TrainConfig, run_dir: Path, resume: Path | None) -> None:
     rewards = RewardSet(cfg.reward)
     try:
         await rewards.start()
-        # Saved once the services have filled in what the config left open (each reward's output), so
-        # config.json is the config the run used; under torchrun/accelerate only rank 0 writes it.
-        if int(os.environ.get("RANK", "0")) == 0:
-            cfg.save(run_dir / "config.json")
+        # Again, now that the services have filled in what the config left open (each reward's output),
+        # so config.json is the config the run used.
+        _save_config(cfg, run_dir)
         trainer = Trainer(cfg, model, rewards, run_dir, resume=resume)
         await trainer.train()
     finally:
         await rewards.close()
+
+
+def _save_config(cfg: TrainConfig, run_dir: Path) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate only rank 0 writes files
+        cfg.save(run_dir / "config.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, run_dir)  # before anything starts: a run stopped while connecting can resume
     torch.manual_seed(cfg.run.seed)
     children.stop_on_sigterm()
     try:
