@@ -66,7 +66,7 @@ def test_refuses_a_negative_threshold():
 
 def test_serve_flag_sets_or_disables_the_allocator_settings():
     from services.core.server import ServerConfig
-    from services.serve import config_from_args, parse_args
+    from services.server_args import config_from_args, parse_args
 
     default = config_from_args(parse_args(["compressibility"])).malloc_trim_threshold_bytes
     assert default == ServerConfig().malloc_trim_threshold_bytes

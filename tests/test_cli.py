@@ -23,7 +23,7 @@ from protos import reward_pb2, reward_pb2_grpc
 from services.client import RewardClient
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
-from services.serve import config_from_args, parse_args
+from services.server_args import config_from_args, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services import serve
+from services import server_args
 from trainer.config import PRESETS, TrainConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_the_trainer_refuses_a_bad_value_before_loading_anything(tmp_path: Path)
 )
 def test_server_flags_are_validated_before_binding(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        serve.config_from_args(serve.parse_args(["compressibility", *flags]))
+        server_args.config_from_args(server_args.parse_args(["compressibility", *flags]))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 
 from trainer import experiments
 from trainer import run as trainer_run
-from trainer.experiments import STUDIES, TABLE1, Study
+from trainer.studies import STUDIES, TABLE1, Study
 from trainer.results import write_report
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from bench import reward_server
-from services import serve
+from services import server_args
 from services.core.batcher import BatcherConfig
 from services.core.codec import ImageLimits
 from services.core.flags import add_flags, field_docs, flag_fields, from_flags
@@ -30,7 +30,7 @@ def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 @pytest.mark.parametrize("cls", list(SERVED), ids=lambda c: c.__name__)
 def test_every_field_is_a_serve_flag_with_its_default_and_docstring(cls) -> None:
-    flags = actions(serve.build_parser())
+    flags = actions(server_args.build_parser())
     defaults = cls()
     plain = flag_fields(cls)
     nested = {f.name for f in dataclasses.fields(cls)} - {f.name for f in plain}
@@ -49,8 +49,8 @@ def alternative(value):
 @pytest.mark.parametrize(("cls", "name"), [(c, f.name) for c in SERVED for f in flag_fields(c)])
 def test_every_serve_flag_reaches_its_field(cls, name) -> None:
     value = alternative(getattr(cls(), name))
-    args = serve.parse_args(["compressibility", "--" + name.replace("_", "-"), str(value)])
-    assert getattr(SERVED[cls](serve.config_from_args(args)), name) == value
+    args = server_args.parse_args(["compressibility", "--" + name.replace("_", "-"), str(value)])
+    assert getattr(SERVED[cls](server_args.config_from_args(args)), name) == value
 
 
 def test_the_benchmark_server_takes_every_batcher_flag() -> None:

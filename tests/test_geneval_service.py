@@ -39,7 +39,7 @@ from services.geneval.prompts import (
 from services.geneval.prompts import main as prompts_main
 from services.geneval.rules import Detection, RuleConfig
 from services.geneval.scorer import OUTPUTS, GenEvalScorer
-from services.serve import parse_args
+from services.server_args import parse_args
 from shapes import prompts as shapes_prompts
 from shapes.render import render, sample_scene
 from tests.conftest import GENEVAL_SAMPLE, needs_geneval_sample, running_server

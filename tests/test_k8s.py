@@ -154,9 +154,9 @@ def parse_cli(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
 
 
 def parse_server(argv: list[str]) -> Any:
-    from services import serve
+    from services import server_args
 
-    return parse_cli(serve.parse_args, argv)
+    return parse_cli(server_args.parse_args, argv)
 
 
 # -- cross-checks: each returns the problems it found ----------------------------------------------
@@ -257,6 +257,7 @@ def check_trainer_endpoints(docs: list[Doc]) -> list[str]:
     """Every --reward-endpoint names a Service that exists, on one of its ports, serving that scorer,
     in a namespace whose NetworkPolicy admits the trainer's namespace."""
     from trainer import run
+    from trainer.rewards import RewardSpec
 
     problems = []
     namespaces = {d["metadata"]["name"]: d["metadata"].get("labels", {}) for d in find(docs, "Namespace")}
@@ -264,7 +265,7 @@ def check_trainer_endpoints(docs: list[Doc]) -> list[str]:
         where = f"{doc['kind']} {doc['metadata']['name']}"
         try:
             args = parse_cli(run.parse_args, argv)
-            specs = [run.parse_endpoint(text) for text in args.reward_endpoint]
+            specs = [RewardSpec.parse(text) for text in args.reward_endpoint]
         except ValueError as exc:
             problems.append(f"{where}: trainer flags rejected: {exc}")
             continue

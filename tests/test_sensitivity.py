@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shapes.evaluate import DEFAULT_MODEL
+from shapes.heldout import DEFAULT_MODEL
 from shapes.model import load_shapes_model
 from trainer import sensitivity
 from trainer.config import build_config

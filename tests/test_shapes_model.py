@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from services.geneval.grid import GridLayout, tag_grid
 from shapes import pretrain
-from shapes.evaluate import (
+from shapes.heldout import (
     EvalConfig,
     evaluate_model,
     expand_records,

@@ -34,11 +34,18 @@ from trainer import children
 from trainer.config import TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
 from trainer.loop import EMA
-from trainer.model import POLICY, FlowModel, load_adapter_state, load_model, merge_adapter, use_adapter
+from trainer.model import (
+    POLICY,
+    FlowModel,
+    load_adapter_state,
+    load_model,
+    merge_adapter,
+    pick_device,
+    use_adapter,
+)
 from trainer.prompts import Record, load_records, reward_metadata
-from trainer.rewards import RewardSet, RewardUnavailable
+from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
 from trainer.rollout import RolloutConfig, sample, sample_sigmas
-from trainer.run import parse_endpoint, pick_device
 
 TAG_INDICATOR = "geneval/tag/"
 """Prefix of the GenEval service's one-hot tag outputs (grouping indicators, not scores)."""
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = build_config(args.preset)
     if args.reward_endpoint:
-        cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
+        cfg.reward.rewards = [RewardSpec.parse(e) for e in args.reward_endpoint]
     cfg.reward.connect_timeout_s = args.connect_timeout_s
     children.stop_on_sigterm()
     try:

@@ -32,6 +32,13 @@ SHAPES_MODEL = Path(__file__).resolve().parent.parent / "shapes" / "weights"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
+def pick_device(name: str) -> torch.device:
+    """The torch device of ``run.device``: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Which flow model to fine-tune and how its adapters look."""

@@ -14,7 +14,7 @@ import numpy as np
 from services.geneval.metadata import TAGS as GENEVAL_TAGS
 
 if TYPE_CHECKING:
-    from trainer.experiments import Arm, Study
+    from trainer.studies import Arm, Study
 
 COLLAPSE_THRESHOLD = 0.3
 """Zero-std ratio at which a run counts as collapsed (the paper's Fig. 2 situation)."""

@@ -44,6 +44,24 @@ class RewardSpec:
     local_args: tuple[str, ...] = ()
     """Arguments after ``python -m services.serve NAME`` when started locally."""
 
+    @classmethod
+    def parse(cls, text: str) -> RewardSpec:
+        """``geneval=host:50051,weight=1,output=geneval/score`` (``--reward-endpoint``) → RewardSpec."""
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"--reward-endpoint {text!r}: expected NAME=HOST:PORT[,weight=W][,output=O]")
+        endpoint, *options = rest.split(",")
+        spec = cls(name=name.strip(), endpoint=endpoint.strip())
+        for option in options:
+            key, _, value = option.partition("=")
+            if key == "weight":
+                spec.weight = float(value)
+            elif key == "output":
+                spec.output = value
+            else:
+                raise ValueError(f"--reward-endpoint {text!r}: unknown option {key!r} (weight, output)")
+        return spec
+
     def __post_init__(self) -> None:
         check("reward", "name", self.name, bool(self.name), "a service name")
         check("reward", "weight", self.weight, math.isfinite(self.weight), "a finite number")

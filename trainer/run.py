@@ -20,7 +20,7 @@ from trainer import children
 from trainer.checkpoint import CheckpointError
 from trainer.config import PRESETS, TrainConfig, apply_override, build_config
 from trainer.loop import Trainer
-from trainer.model import load_model
+from trainer.model import load_model, pick_device
 from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
 
 log = logging.getLogger("trainer")
@@ -49,24 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_endpoint(text: str) -> RewardSpec:
-    """``geneval=host:50051,weight=1,output=geneval/score`` → RewardSpec."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"--reward-endpoint {text!r}: expected NAME=HOST:PORT[,weight=W][,output=O]")
-    endpoint, *options = rest.split(",")
-    spec = RewardSpec(name=name.strip(), endpoint=endpoint.strip())
-    for option in options:
-        key, _, value = option.partition("=")
-        if key == "weight":
-            spec.weight = float(value)
-        elif key == "output":
-            spec.output = value
-        else:
-            raise ValueError(f"--reward-endpoint {text!r}: unknown option {key!r} (weight, output)")
-    return spec
-
-
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The run's config (a preset, or the resumed run's saved one) with the command line applied."""
     if args.resume is not None:
@@ -88,15 +70,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     if args.out is not None:
         cfg.run.out = args.out
     if args.reward_endpoint:
-        cfg.reward.rewards = [parse_endpoint(e) for e in args.reward_endpoint]
+        cfg.reward.rewards = [RewardSpec.parse(e) for e in args.reward_endpoint]
     cfg.validate()
     return cfg, run_dir if args.resume is not None else Path(cfg.run.out)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 async def train(cfg: TrainConfig, run_dir: Path, resume: Path | None) -> None:

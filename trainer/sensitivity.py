@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapes.evaluate import DEFAULT_MODEL, EvalConfig, geneval_results, heldout_records, summarize
+from shapes.heldout import DEFAULT_MODEL, EvalConfig, geneval_results, heldout_records, summarize
 from shapes.model import read_manifest
 from shapes.openmp import reexec_with_passive_openmp
 from trainer.config import build_config

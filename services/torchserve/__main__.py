@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services import serve
+from services import server_args
 from services.core.flags import add_flags, from_flags
 from services.torchserve.archive import build_archive, write_properties
 from services.torchserve.config import ServerSettings
@@ -47,8 +47,8 @@ ARCHIVE_FLAGS = frozenset(
 
 def spec_from_args(scorer_argv: list[str], batch_requests: int) -> ArchiveSpec:
     """Parse ``SCORER [services.serve flags]`` into an archive spec; flags it cannot honour are refused."""
-    args = serve.parse_args(scorer_argv)
-    defaults = serve.parse_args([args.scorer])
+    args = server_args.parse_args(scorer_argv)
+    defaults = server_args.parse_args([args.scorer])
     used = ARCHIVE_FLAGS | set(args.scorer_options)
     ignored = sorted(k for k, v in vars(args).items() if k not in used and v != getattr(defaults, k, v))
     if ignored:
