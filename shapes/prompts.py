@@ -1,8 +1,10 @@
-"""GenEval-format prompts for the shapes world: a builder per tag, the full prompt space, train/test splits.
+"""GenEval-format prompts for the shapes world: the full prompt space of its vocabulary, train/test splits.
 
-Wording follows GenEval's prompt generator: "a photo of " + an article chosen by the first letter ("an orange
-circle"), number words for counts, plural class names, and for position "a photo of a <subject> <relation> a
-<reference>" where the reference is include[0] and the subject include[1] with ``position: [relation, 0]``.
+Each record comes from the GenEval format package's builder for its tag (``services.geneval.prompts``),
+so wording follows GenEval's prompt generator: "a photo of " + an article chosen by the first letter
+("an orange circle"), number words for counts, plural class names, and for position "a photo of a
+<subject> <relation> a <reference>" where the reference is include[0] and the subject include[1] with
+``position: [relation, 0]``.
 
     python -m shapes.prompts --out-dir DIR --seed S   # writes DIR/train.jsonl and DIR/test.jsonl
 """
@@ -21,72 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from shapes.vocab import CLASSES, COLOR_NAMES, COUNTING_COUNTS, NUMBER_WORDS, PLURALS, RELATIONS, TAGS
+from services.geneval.prompts import color_attr, colors, counting, position, single_object, two_object
+from shapes.vocab import CLASSES, COLOR_NAMES, COUNTING_COUNTS, RELATIONS, TAGS
 
 Metadata = dict[str, Any]
-
-
-def with_article(phrase: str) -> str:
-    """GenEval's article rule: "an" before a vowel letter, else "a"."""
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
-
-
-def single_object(cls: str) -> Metadata:
-    return {
-        "tag": "single_object",
-        "include": [{"class": cls, "count": 1}],
-        "prompt": f"a photo of {with_article(cls)}",
-    }
-
-
-def two_object(first: str, second: str) -> Metadata:
-    return {
-        "tag": "two_object",
-        "include": [{"class": first, "count": 1}, {"class": second, "count": 1}],
-        "prompt": f"a photo of {with_article(first)} and {with_article(second)}",
-    }
-
-
-def counting(cls: str, count: int) -> Metadata:
-    # GenEval's exclude makes count + 1 objects fail the original metric, so "two" means exactly two.
-    return {
-        "tag": "counting",
-        "include": [{"class": cls, "count": count}],
-        "exclude": [{"class": cls, "count": count + 1}],
-        "prompt": f"a photo of {NUMBER_WORDS[count]} {PLURALS[cls]}",
-    }
-
-
-def colors(cls: str, color: str) -> Metadata:
-    return {
-        "tag": "colors",
-        "include": [{"class": cls, "count": 1, "color": color}],
-        "prompt": f"a photo of {with_article(f'{color} {cls}')}",
-    }
-
-
-def position(subject: str, relation: str, reference: str) -> Metadata:
-    return {
-        "tag": "position",
-        "include": [
-            {"class": reference, "count": 1},
-            {"class": subject, "count": 1, "position": [relation, 0]},
-        ],
-        "prompt": f"a photo of {with_article(subject)} {relation} {with_article(reference)}",
-    }
-
-
-def color_attr(first: str, first_color: str, second: str, second_color: str) -> Metadata:
-    first_phrase = with_article(f"{first_color} {first}")
-    second_phrase = with_article(f"{second_color} {second}")
-    return {
-        "tag": "color_attr",
-        "include": [
-            {"class": first, "count": 1, "color": first_color},
-            {"class": second, "count": 1, "color": second_color},
-        ],
-        "prompt": f"a photo of {first_phrase} and {second_phrase}",
-    }
 
 
 def _distinct_pairs(items: Sequence[str]) -> list[tuple[str, str]]:

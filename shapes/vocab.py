@@ -42,19 +42,11 @@ An earlier world also had a cross. Priors pretrained with it almost never drew o
 1 of 20 held-out images) and confused the other classes more, so a quarter of every tag's prompts was
 out of reach for the prior and for RL alike; docs/shapes.md has the measurements."""
 
-PLURALS: Final[dict[str, str]] = {
-    "circle": "circles",
-    "square": "squares",
-    "triangle": "triangles",
-}
-
 COUNTS: Final[tuple[int, ...]] = (1, 2, 3, 4)
 """Object counts a clause may ask for; 1 is the single-object case."""
 
 COUNTING_COUNTS: Final[tuple[int, ...]] = (2, 3, 4)
 """Counts used by the ``counting`` tag, as in GenEval (one object is the ``single_object`` tag's job)."""
-
-NUMBER_WORDS: Final[dict[int, str]] = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 # GenEval's relations (y grows downwards, so "above" means a smaller centre y) and its six tags in its
 # reporting order: defined once, by the GenEval format package.

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from services.geneval.rules import relative_position
 from shapes import prompts
 from shapes.components import label_components
 from shapes.detector import DetectorConfig, ShapeDetection, ShapesDetector
 from shapes.raster import SceneObject, draw_scene, shape_mask
+from shapes.relations import relation_components
 from shapes.render import main as render_main
 from shapes.render import render, sample_scene
 from shapes.scene import SceneConfig, plan_scene
@@ -66,6 +68,26 @@ def detections(scenes) -> list[dict[str, list[ShapeDetection]]]:
 
 
 # Rasterisation ----------------------------------------------------------------------------------------------
+
+
+def test_the_scene_samplers_vectorised_rule_is_geneval_s_rule():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 32, size=(2000, 2, 4))
+    boxes = np.concatenate(
+        [np.minimum(corners[..., :2], corners[..., 2:]), np.maximum(corners[..., :2], corners[..., 2:])], -1
+    )
+    a, b = boxes[:, 0], boxes[:, 1]
+    dx, dy = relation_components(
+        (a[:, 0] + a[:, 2] - b[:, 0] - b[:, 2]) / 2,
+        (a[:, 1] + a[:, 3] - b[:, 1] - b[:, 3]) / 2,
+        (a[:, 2] - a[:, 0]) + (b[:, 2] - b[:, 0]),
+        (a[:, 3] - a[:, 1]) + (b[:, 3] - b[:, 1]),
+    )
+    names = ("left of", "right of", "above", "below")
+    for i in range(len(boxes)):
+        held = (dx[i] < -0.5, dx[i] > 0.5, dy[i] < -0.5, dy[i] > 0.5)
+        vectorised = {name for name, h in zip(names, held, strict=True) if h}
+        assert vectorised == relative_position(tuple(a[i]), tuple(b[i])) == geneval_relations(a[i], b[i])
 
 
 @pytest.mark.parametrize("size", range(5, 21))
@@ -360,14 +382,17 @@ def test_command_lines_write_prompts_and_images(tmp_path, capsys):
 
 
 def test_shapes_world_imports_only_the_geneval_format_package():
-    """The world's core (render, prompts, detector) uses GenEval's own tags and relations from the
-    torch-free format package, and nothing else of services, nor the trainer."""
+    """The world's core (render, prompts, detector) uses GenEval's own tags, relations and prompt
+    builders from the torch-free format package, and nothing else of services, nor the trainer."""
     allowed = [
         "services",
         "services.core",
         "services.core.quote",
         "services.geneval",
+        "services.geneval.coco",
         "services.geneval.metadata",
+        "services.geneval.prompts",
+        "services.geneval.rules",
     ]
     code = (
         "import sys, shapes, shapes.render, shapes.prompts, shapes.detector;"

@@ -16,8 +16,12 @@ import numpy as np
 
 from services.geneval.metadata import COLORS, RELATIONS, Clause, Metadata
 
-# Below this (pixels, per axis) the margin-revised offset counts as "no offset at all", as upstream.
-_NO_OFFSET_EPS = 1e-3
+POSITION_MARGIN = 0.1
+"""GenEval's fraction of the summed box sizes an offset must exceed, per axis."""
+POSITION_CUTOFF = 0.5
+"""GenEval's threshold on the normalised revised offset."""
+NO_OFFSET_EPS = 1e-3
+"""Below this (pixels, per axis) the margin-revised offset counts as "no offset at all", as upstream."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -61,10 +65,10 @@ class RuleConfig:
     """Same for ``counting`` prompts, where a spurious low-confidence box changes the count. GenEval: 0.9."""
     max_per_class: int = 16
     """Keep at most this many detections per class, highest score first. GenEval: 16."""
-    position_margin: float = 0.1
+    position_margin: float = POSITION_MARGIN
     """Fraction of the summed box sizes subtracted from the centre offset per axis, so overlapping boxes
     of similar position are not called left/right/above/below. GenEval: 0.1."""
-    position_cutoff: float = 0.5
+    position_cutoff: float = POSITION_CUTOFF
     """A relation holds when the revised offset, divided by the raw offset's length, passes this along the
     axis. GenEval: 0.5."""
     extra_position_credit: bool = False
@@ -118,7 +122,11 @@ def filter_detections(
 
 
 def relative_position(
-    obj_box: Sequence[float], target_box: Sequence[float], *, margin: float = 0.1, cutoff: float = 0.5
+    obj_box: Sequence[float],
+    target_box: Sequence[float],
+    *,
+    margin: float = POSITION_MARGIN,
+    cutoff: float = POSITION_CUTOFF,
 ) -> frozenset[str]:
     """Relations of the object to the target, e.g. ``{"left of", "above"}``; empty when they overlap too much.
 
@@ -132,7 +140,7 @@ def relative_position(
     offset = ((ox1 + ox2) / 2 - (tx1 + tx2) / 2, (oy1 + oy2) / 2 - (ty1 + ty2) / 2)
     sizes = ((ox2 - ox1) + (tx2 - tx1), (oy2 - oy1) + (ty2 - ty1))
     revised = [math.copysign(max(abs(o) - margin * s, 0.0), o) for o, s in zip(offset, sizes, strict=True)]
-    if all(abs(r) < _NO_OFFSET_EPS for r in revised):
+    if all(abs(r) < NO_OFFSET_EPS for r in revised):
         return frozenset()
     norm = math.hypot(*offset)
     dx, dy = revised[0] / norm, revised[1] / norm
