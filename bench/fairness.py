@@ -41,7 +41,7 @@ from bench.http_pickle_baseline import HttpClient, gunicorn_server
 from bench.images import synthetic_images
 from bench.load import PROMPT, pick
 from bench.processes import ServedEndpoint, reward_server, scrape_batch_metrics
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 
 SMALL_IMAGES = 4
 THINK_S = (0.0, 0.3)
@@ -93,8 +93,8 @@ async def _grpc_phase(
     served: ServedEndpoint, pool: np.ndarray, seconds: float, flood: bool, think_s: float
 ) -> Phase:
     endpoint = served.endpoint
-    small = RewardClient(endpoint, client_name="small")
-    flooder = RewardClient(endpoint, client_name="flood", max_concurrent_requests=FLOOD_IN_FLIGHT)
+    small = GrpcRewardClient(endpoint, client_name="small")
+    flooder = GrpcRewardClient(endpoint, client_name="flood", max_concurrent_requests=FLOOD_IN_FLIGHT)
     stop = asyncio.Event()
     flood_done = [0]
     first_flood = asyncio.Event()

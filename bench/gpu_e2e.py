@@ -170,7 +170,7 @@ async def run_method(
 ) -> dict[str, Any]:
     cfg = train_config(scale, method, prompts, endpoint)
     rewards = RewardSet(cfg.reward)
-    await rewards.start()
+    await rewards.connect()
     rows = []
     peak = None
     try:

@@ -15,7 +15,7 @@ from bench.common import percentile_ms
 from bench.http_pickle_baseline import HttpClient
 from bench.processes import scrape_batch_metrics
 from bench.window import Record, Window, WindowConfig
-from services.client import RewardClient, RewardError
+from services.client import GrpcRewardClient, RewardError
 
 PROMPT = "a photo of a red apple on a wooden table"
 
@@ -67,7 +67,7 @@ async def grpc_cell(
 ) -> dict[str, Any]:
     """N RewardClients against ``endpoint``; adds the mean executed batch size when metrics are given."""
     win = Window(num_clients=clients, config=window)
-    rcs = [RewardClient(endpoint, client_name=f"{name}-{i}", timeout_s=600) for i in range(clients)]
+    rcs = [GrpcRewardClient(endpoint, client_name=f"{name}-{i}", timeout_s=600) for i in range(clients)]
 
     async def run(i: int) -> None:
         cursor = i * request_size

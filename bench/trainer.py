@@ -134,7 +134,7 @@ async def run_case(
     async with reward_specs(case, seconds_per_image) as specs:
         cfg.reward.rewards = specs
         rewards = RewardSet(cfg.reward)
-        await rewards.start()
+        await rewards.connect()
         try:
             with tempfile.TemporaryDirectory() as run_dir:
                 trainer = Trainer(cfg, model, rewards, Path(run_dir))

@@ -21,7 +21,7 @@ import torch
 
 from bench.http_pickle_baseline import HttpClient, decode_request, encode_request
 from bench.load import PROMPT
-from services.client import STREAM_PART_BYTES, RewardClient, encode_samples
+from services.client import STREAM_PART_BYTES, GrpcRewardClient, encode_samples
 from services.core.codec import ImageLimits, decode_image, to_chw_tensor
 from services.core.scorer import ScoreBatch, Scorer
 from services.core.wire import parse_request, serialize_parts, serialize_request
@@ -83,7 +83,9 @@ async def grpc_round_trip_ms(
 ) -> float:
     """Median ms per image of sequential score calls of ``len(images)`` images (model cost ~0): as a
     ScoreStream of parts of ``stream_part_bytes`` (the client's default), or one Score message (None)."""
-    async with RewardClient(endpoint, client_name="transport", stream_part_bytes=stream_part_bytes) as client:
+    async with GrpcRewardClient(
+        endpoint, client_name="transport", stream_part_bytes=stream_part_bytes
+    ) as client:
         await client.score(images, PROMPT)
         times = []
         for _ in range(repeats):
@@ -153,7 +155,7 @@ def grpc_exactness(endpoint: str, images: np.ndarray, reference: np.ndarray) -> 
     """Max |gRPC score − in-process score| for one request scored as one batch (0 means lossless)."""
 
     async def run() -> np.ndarray:
-        async with RewardClient(endpoint, client_name="exactness") as client:
+        async with GrpcRewardClient(endpoint, client_name="exactness") as client:
             scores = await client.score(images, PROMPT)
         return next(iter(scores.values.values()))
 

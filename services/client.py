@@ -1,7 +1,8 @@
-"""Async client for reward services, and a command line for humans.
+"""Async clients for reward services, and a command line for humans.
 
-The trainer scores every rollout chunk through :class:`RewardClient`: big batches are split into
-requests under the server's limits (whole groups kept together), the requests run concurrently, and
+:class:`RewardClient` is what a caller of a reward needs (describe, score, close); the trainer scores
+every rollout chunk through one. :class:`GrpcRewardClient` is the one for a service: big batches are
+split into requests under the server's limits (whole groups kept together), the requests run concurrently, and
 UNAVAILABLE / RESOURCE_EXHAUSTED answers are retried with jittered exponential backoff (honouring the
 server's ``retry-after-ms`` hint) until the call's deadline. A score is only ever what a server
 returned: when retries run out the call raises :class:`RewardError`, it never fills in a value.
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -109,8 +110,32 @@ class Scores:
 ImageLike = np.ndarray | torch.Tensor
 
 
-class RewardClient:
-    """Client of one reward endpoint. Use as ``async with RewardClient(...) as client``."""
+class RewardClient(Protocol):
+    """A reward as its callers see it, whatever carries the images: over gRPC to a service
+    (:class:`GrpcRewardClient`) or to a scorer object in this process
+    (:class:`services.inprocess.InProcessRewardClient`). Failures raise :class:`RewardError`."""
+
+    async def describe(self, *, timeout_s: float | None = None) -> reward_pb2.ModelInfo:
+        """The model's identity, outputs and limits."""
+        ...
+
+    async def score(
+        self,
+        images: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        *,
+        metadata: Sequence[Mapping[str, Any] | str | None] | None = None,
+        group_ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Scores:
+        """Scores of ``images`` (uint8 or float in [0, 1]; CHW or HWC) against their prompts."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcRewardClient:
+    """Client of one reward endpoint. Use as ``async with GrpcRewardClient(...) as client``."""
 
     def __init__(
         self,
@@ -160,7 +185,7 @@ class RewardClient:
         )
         self._info: reward_pb2.ModelInfo | None = None
 
-    async def __aenter__(self) -> RewardClient:
+    async def __aenter__(self) -> GrpcRewardClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -369,7 +394,7 @@ async def _run_cli(args: argparse.Namespace) -> dict[str, Any]:
     tls = None
     if args.tls_ca or args.tls_cert:
         tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-    async with RewardClient(args.endpoint, token=args.token, tls=tls, timeout_s=args.timeout) as client:
+    async with GrpcRewardClient(args.endpoint, token=args.token, tls=tls, timeout_s=args.timeout) as client:
         if args.command == "describe":
             return _model_json(await client.describe())
         if len(args.prompt) not in (1, len(args.image)):

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from protos import reward_pb2, reward_pb2_grpc
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
 from services.server_args import config_from_args, parse_args
@@ -204,7 +204,7 @@ def test_each_scorer_is_served_from_the_command_line(
     scorer: str, outputs: list[str], group_outputs: list[str]
 ) -> None:
     async def describe(endpoint: str):
-        async with RewardClient(endpoint) as client:
+        async with GrpcRewardClient(endpoint) as client:
             return await client.describe()
 
     with serve(scorer, "--tiny") as (proc, endpoint):

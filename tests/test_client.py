@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from protos import reward_pb2
-from services.client import RetryPolicy, RewardClient, RewardError, _merge
+from services.client import GrpcRewardClient, RetryPolicy, RewardError, _merge
 from services.core.request import RequestLimits
 from services.core.server import RewardServer, ServerConfig
 from tests.conftest import MeanPixelScorer, running_server, solid_images
@@ -35,7 +35,7 @@ def test_big_batches_are_chunked_under_the_limits_keeping_groups_whole() -> None
         scorer = MeanPixelScorer()
         async with running_server(scorer, config) as server:
             # 8×8 raw images are ~200 bytes on the wire; 700 bytes per chunk forces byte-based splits too.
-            async with RewardClient(f"127.0.0.1:{server.port}", max_chunk_bytes=700) as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}", max_chunk_bytes=700) as client:
                 scores = await client.score(
                     solid_images(values), [f"p{i}" for i in range(25)], group_ids=groups
                 )
@@ -53,7 +53,7 @@ def test_float_tensors_are_quantised_before_sending() -> None:
 
     async def main() -> None:
         async with running_server(MeanPixelScorer()) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 batch = torch.full((2, 3, 4, 4), 0.5)  # BCHW float in [0, 1]
                 scores = await client.score(batch, "p")
         assert scores.values["meanpixel"].tolist() == pytest.approx([128 / 255] * 2)
@@ -65,7 +65,7 @@ def test_client_retries_until_the_server_is_up() -> None:
     port = free_port()
 
     async def main() -> None:
-        async with RewardClient(f"127.0.0.1:{port}", retry=RetryPolicy(initial_backoff_s=0.05)) as client:
+        async with GrpcRewardClient(f"127.0.0.1:{port}", retry=RetryPolicy(initial_backoff_s=0.05)) as client:
             call = asyncio.ensure_future(client.score(solid_images([51]), "p", timeout_s=30))
             await asyncio.sleep(0.5)
             assert not call.done()
@@ -85,12 +85,12 @@ def test_no_score_is_ever_invented_when_the_server_stays_down() -> None:
 
     async def main() -> None:
         policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
-        async with RewardClient(f"127.0.0.1:{port}", retry=policy) as client:
+        async with GrpcRewardClient(f"127.0.0.1:{port}", retry=policy) as client:
             with pytest.raises(RewardError) as info:
                 await client.score(solid_images([1, 2]), "p", timeout_s=5)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
-        async with RewardClient(f"127.0.0.1:{port}") as client:
+        async with GrpcRewardClient(f"127.0.0.1:{port}") as client:
             with pytest.raises(RewardError) as info:
                 await client.score(solid_images([1, 2]), "p", timeout_s=0.5)
         assert info.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
@@ -102,7 +102,7 @@ def test_non_retryable_errors_fail_at_once() -> None:
     async def main() -> None:
         scorer = MeanPixelScorer()
         async with running_server(scorer) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 with pytest.raises(RewardError) as info:
                     await client.score(solid_images([1]), "p", metadata=[{"reject": True}])
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -114,7 +114,7 @@ def test_non_retryable_errors_fail_at_once() -> None:
 
 def test_mismatched_inputs_are_refused_locally() -> None:
     async def main() -> None:
-        async with RewardClient("127.0.0.1:1") as client:
+        async with GrpcRewardClient("127.0.0.1:1") as client:
             with pytest.raises(ValueError, match="prompts has 1 entries for 2 images"):
                 await client.score(solid_images([1, 2]), ["only one"])
             with pytest.raises(ValueError, match="not a single 3-D image"):

@@ -10,8 +10,8 @@ import pytest
 
 from trainer import experiments
 from trainer import run as trainer_run
-from trainer.studies import STUDIES, TABLE1, Study
 from trainer.results import write_report
+from trainer.studies import STUDIES, TABLE1, Study
 
 
 def resolved(study: Study, arm_name: str, seed: int, tmp_path: Path):

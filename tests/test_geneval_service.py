@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from services.client import RewardClient, RewardError
+from services.client import GrpcRewardClient, RewardError
 from services.core.scorer import ScoreBatch
 from services.geneval.coco import GENEVAL_CLASSES, geneval_names
 from services.geneval.color import BACKGROUND_RGB, ColorClassifier, color_crop, load_clip
@@ -58,7 +58,7 @@ def scene(metadata: dict, seed: int = 0) -> np.ndarray:
 
 async def served_scores(scorer: GenEvalScorer, images: Sequence[np.ndarray], metadata: Sequence) -> dict:
     async with running_server(scorer, name="geneval") as server:
-        async with RewardClient(f"127.0.0.1:{server.port}") as client:
+        async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
             scores = await client.score(list(images), "any prompt", metadata=list(metadata))
     return scores.values
 
@@ -174,7 +174,7 @@ def test_metadata_errors_are_invalid_argument_naming_the_field(shapes_scorer: Ge
 
     async def main() -> None:
         async with running_server(shapes_scorer, name="geneval") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 for metadata, field in bad:
                     with pytest.raises(RewardError) as err:
                         await client.score([good_image], "p", metadata=[metadata])
@@ -191,7 +191,7 @@ def test_metadata_errors_are_invalid_argument_naming_the_field(shapes_scorer: Ge
 def test_describe_reports_detector_thresholds_and_hash(shapes_scorer: GenEvalScorer) -> None:
     async def main() -> None:
         async with running_server(shapes_scorer, name="geneval") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 info = await client.describe()
         assert info.name == "geneval" and info.requires_metadata
         assert info.checkpoint_sha256 == "shapes-exact"
@@ -433,7 +433,7 @@ def test_serve_geneval_from_the_shell() -> None:
     with serve("geneval", "--detector", "shapes") as (_, endpoint):
 
         async def main() -> dict:
-            async with RewardClient(endpoint) as client:
+            async with GrpcRewardClient(endpoint) as client:
                 return (await client.score([scene(record)], "p", metadata=[record])).values
 
         values = run(main())

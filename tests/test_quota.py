@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from protos import reward_pb2, reward_pb2_grpc
-from services.client import RetryPolicy, RewardClient, RewardError
+from services.client import GrpcRewardClient, RetryPolicy, RewardError
 from services.core.auth import TokenAuthenticator
 from services.core.codec import encode_raw
 from services.core.quota import QuotaConfig, QuotaExceeded, QuotaLimiter
@@ -204,7 +204,7 @@ def test_over_quota_is_resource_exhausted_with_a_hint_and_the_client_retry_succe
                 assert 100 <= hint_ms <= 250  # ≈ 4 images at 20/s, less the refill since
                 # Another client is not affected by team-x's quota.
                 await stub.Score(_request(4), metadata=(("x-e2po-client", "team-y"),), timeout=10)
-            async with RewardClient(f"127.0.0.1:{server.port}", client_name="team-x") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}", client_name="team-x") as client:
                 scores = await client.score(solid_images([255] * 4), "retry")
             assert scores.values["meanpixel"].tolist() == [1.0] * 4
         assert len(scorer.seen_prompts()) == 10 + 4 + 4
@@ -221,8 +221,8 @@ def test_team_quota_from_the_token_file_and_refunds_for_refused_work(tmp_path: P
             endpoint = f"127.0.0.1:{server.port}"
             no_retry = RetryPolicy(max_attempts=1)
             async with (
-                RewardClient(endpoint, token=TOKEN_A, retry=no_retry) as team_a,
-                RewardClient(endpoint, token=TOKEN_B, retry=no_retry) as team_b,
+                GrpcRewardClient(endpoint, token=TOKEN_A, retry=no_retry) as team_a,
+                GrpcRewardClient(endpoint, token=TOKEN_B, retry=no_retry) as team_b,
             ):
                 # An invalid request never reaches the model and costs no quota.
                 with pytest.raises(RewardError) as info:
@@ -285,7 +285,7 @@ def test_a_trainer_over_its_quota_is_slowed_down_not_failed() -> None:
         )
         scorer = MeanPixelScorer()
         async with running_server(scorer, config) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}", client_name="trainer") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}", client_name="trainer") as client:
                 started = time.perf_counter()
                 scores = await asyncio.gather(
                     *(client.score(solid_images([c] * 50), f"chunk{c}") for c in range(4))

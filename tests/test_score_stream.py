@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from protos import reward_pb2
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.core.codec import encode_raw
 from services.core.request import RequestLimits
 from services.core.server import SERVICE_NAME, ServerConfig
@@ -183,14 +183,14 @@ def test_the_client_streams_large_requests_and_sends_score_to_an_older_server() 
         async with running_server(MeanPixelScorer()) as real:
             target = f"127.0.0.1:{real.port}"
             async with forwarding_server(target, ("Describe", "Score", "ScoreStream")) as (port, calls):
-                async with RewardClient(f"127.0.0.1:{port}", stream_part_bytes=500) as client:
+                async with GrpcRewardClient(f"127.0.0.1:{port}", stream_part_bytes=500) as client:
                     large = await client.score(solid_images(values), "p")
                     small = await client.score(solid_images(values[:1]), "p")
                 np.testing.assert_allclose(large.values["meanpixel"], expected, atol=1e-12)
                 assert small.values["meanpixel"].tolist() == pytest.approx(expected[:1].tolist())
                 assert calls == ["Describe", "ScoreStream:5", "Score"]  # parts of 2 images; 1 image whole
             async with forwarding_server(target, ("Describe", "Score")) as (port, calls):
-                async with RewardClient(f"127.0.0.1:{port}", stream_part_bytes=500) as client:
+                async with GrpcRewardClient(f"127.0.0.1:{port}", stream_part_bytes=500) as client:
                     for _ in range(2):
                         scores = await client.score(solid_images(values), "p")
                         np.testing.assert_allclose(scores.values["meanpixel"], expected, atol=1e-12)

@@ -22,7 +22,7 @@ from transformers.models.clip import CLIPImageProcessorPil
 from services.aesthetic import AestheticScorer
 from services.aesthetic.checkpoint import build_tiny
 from services.aesthetic.head import AestheticHead, load_head
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.clip_shared.transforms import center_crop_transform
 from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
@@ -77,7 +77,7 @@ def test_served_score_equals_an_independent_computation() -> None:
 
     async def main():
         async with running_server(scorer, name="aesthetic") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 as_uint8 = await client.score(images, ["ignored", "", "x", "y", "z"])
                 # float input in [0, 1] is quantised with round(x·255) before scoring
                 noise = np.random.default_rng(1).uniform(-0.45, 0.45, (len(images),))
@@ -103,7 +103,7 @@ def test_tiny_scorer_is_seeded_and_served() -> None:
 
     async def main():
         async with running_server(scorer, name="aesthetic") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 return await client.score(images, "p")
 
     np.testing.assert_allclose(run(main()).values["aesthetic"], expected, rtol=0, atol=1e-5)
@@ -247,7 +247,7 @@ def test_served_from_the_command_line_with_a_head_option(tmp_path: Path) -> None
         endpoint = line.split("listening on ", 1)[1].strip()
 
         async def describe():
-            async with RewardClient(endpoint) as client:
+            async with GrpcRewardClient(endpoint) as client:
                 return await client.describe()
 
         info = run(describe(), 30)

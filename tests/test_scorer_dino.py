@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DINOv3ViTImageProcessor
 
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.core.batcher import BatcherConfig
 from services.core.request import RequestLimits
 from services.core.scorer import ScoreBatch
@@ -108,7 +108,7 @@ def test_groups_interleaved_and_split_across_requests_keep_their_members(scorer:
             batcher=BatcherConfig(max_batch_images=7, max_delay_ms=20),
         )
         async with running_server(scorer, config, name="dino") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 return await client.score(arrays, "a prompt", group_ids=group_ids)
 
     scores = asyncio.run(asyncio.wait_for(main(), 60))

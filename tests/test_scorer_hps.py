@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.clip_shared.transforms import pad_transform
 from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
@@ -91,7 +91,7 @@ def test_served_score_equals_an_independent_computation(scorer: HPSScorer) -> No
 
     async def main():
         async with running_server(scorer, name="hps") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 as_uint8 = await client.score(images, prompts)
                 # float input in [0, 1] is quantised with round(x·255) before scoring
                 noise = np.random.default_rng(1).uniform(-0.45, 0.45, (len(images),))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.core.hashing import file_sha256
 from services.core.scorer import ScoreBatch
 from services.imagereward import ImageRewardScorer
@@ -113,7 +113,7 @@ def test_served_reward_equals_the_step_by_step_formula(scorer: ImageRewardScorer
 
     async def main() -> np.ndarray:
         async with running_server(scorer, name="imagereward") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 scores = await client.score(arrays, PROMPTS)
         assert scores.model.name == "imagereward" and list(scores.model.outputs) == ["imagereward"]
         return scores.values["imagereward"]

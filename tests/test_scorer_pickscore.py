@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers.models.clip import CLIPImageProcessor, CLIPImageProcessorPil
 
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.clip_shared.resize import resize_bicubic
 from services.clip_shared.transforms import center_crop_transform
 from services.core.hashing import file_sha256
@@ -108,7 +108,7 @@ def test_served_score_equals_an_independent_computation(scorer: PickScoreScorer)
 
     async def main():
         async with running_server(scorer, name="pickscore") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 as_uint8 = await client.score(images, prompts)
                 # float input in [0, 1] is quantised with round(x·255) before scoring
                 noise = np.random.default_rng(1).uniform(-0.45, 0.45, (len(images),))

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.client import ClientTLS, RewardClient, RewardError
+from services.client import ClientTLS, GrpcRewardClient, RewardError
 from services.core.auth import TokenAuthenticator
 from services.core.server import ServerConfig, TLSConfig
 from tests.conftest import MeanPixelScorer, running_server, solid_images
@@ -34,7 +34,7 @@ def _write_token_file(path: Path) -> Path:
 
 
 async def _score(port: int, **client_kw) -> object:
-    async with RewardClient(f"127.0.0.1:{port}", timeout_s=10, **client_kw) as client:
+    async with GrpcRewardClient(f"127.0.0.1:{port}", timeout_s=10, **client_kw) as client:
         return await client.score(solid_images([7]), "p")
 
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from protos import reward_pb2, reward_pb2_grpc
-from services.client import RewardClient
+from services.client import GrpcRewardClient
 from services.compressibility import CompressibilityScorer
 from services.core.batcher import BatcherConfig
 from services.core.codec import encode_raw
@@ -65,7 +65,7 @@ def test_compressibility_scores_equal_an_independent_jpeg_computation() -> None:
 
     async def main() -> None:
         async with running_server(CompressibilityScorer(), name="compressibility") as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 scores = await client.score(images, "any prompt")
         assert scores.model.name == "compressibility"
         np.testing.assert_allclose(scores.values["compressibility/jpeg_kb"], expected_kb, rtol=0, atol=1e-12)
@@ -81,7 +81,7 @@ def test_scores_come_back_in_request_order_with_group_outputs() -> None:
     async def main() -> None:
         config = ServerConfig(port=0, batcher=BatcherConfig(max_batch_images=2, max_delay_ms=1))
         async with running_server(MeanPixelScorer(), config) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 scores = await client.score(
                     solid_images(values), [f"p{i}" for i in range(7)], group_ids=groups
                 )
@@ -278,7 +278,7 @@ def test_queue_full_carries_a_retry_hint_and_the_client_retry_succeeds() -> None
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             hint = dict(err.trailing_metadata())[RETRY_AFTER_KEY]
             assert int(hint) >= 1 and "retry after" in err.details()
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 retried = asyncio.ensure_future(client.score(solid_images([255]), "retry"))
                 await asyncio.sleep(0.3)
                 gate.set()
@@ -391,7 +391,7 @@ def test_metrics_count_requests_and_batches_without_tokens_or_prompts(tmp_path) 
     async def main() -> str:
         config = ServerConfig(port=0, metrics_port=0, token_file=tmp_path / "tokens")
         async with running_server(MeanPixelScorer(), config) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}", token=token) as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}", token=token) as client:
                 await client.score(solid_images([1, 2, 3]), "a very secret prompt")
                 with pytest.raises(Exception):  # noqa: B017 - any failure; we count it below
                     await client.score(solid_images([1]), "x", metadata=[{"reject": 1}])
@@ -454,7 +454,7 @@ def test_describe_reports_identity_and_limits() -> None:
     async def main() -> None:
         config = ServerConfig(port=0, limits=RequestLimits(max_images_per_request=7))
         async with running_server(MeanPixelScorer(), config) as server:
-            async with RewardClient(f"127.0.0.1:{server.port}") as client:
+            async with GrpcRewardClient(f"127.0.0.1:{server.port}") as client:
                 info = await client.describe()
         assert (info.name, info.version, info.max_images_per_request) == ("meanpixel", "test", 7)
         assert list(info.outputs) == ["meanpixel", "meanpixel/x2"]

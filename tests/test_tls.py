@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.client import ClientTLS, RetryPolicy, RewardClient, RewardError
+from services.client import ClientTLS, GrpcRewardClient, RetryPolicy, RewardError
 from services.core.server import RewardServer, ServerConfig, TLSConfig
 from services.core.tls import TLSFileError
 from tests.conftest import MeanPixelScorer
@@ -135,7 +135,9 @@ def test_a_failed_handshake_names_its_cause_at_once(case: str, files: dict[str, 
         server, port = await _serve_raw(files[cert] if cert else None, files["key"])
         try:
             started = time.perf_counter()
-            async with RewardClient(f"127.0.0.1:{port}", tls=ClientTLS(ca=files[ca]), timeout_s=30) as client:
+            async with GrpcRewardClient(
+                f"127.0.0.1:{port}", tls=ClientTLS(ca=files[ca]), timeout_s=30
+            ) as client:
                 with pytest.raises(RewardError) as info:
                     await client.score(np.zeros((1, 4, 4, 3), np.uint8), "p")
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
@@ -157,7 +159,7 @@ def test_a_plaintext_client_to_a_tls_server_is_told_to_pass_the_ca(files: dict[s
         server, port = await _serve_raw(files["cert"], files["key"])
         try:
             retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
-            async with RewardClient(f"127.0.0.1:{port}", timeout_s=30, retry=retry) as client:
+            async with GrpcRewardClient(f"127.0.0.1:{port}", timeout_s=30, retry=retry) as client:
                 with pytest.raises(RewardError) as info:
                     await client.score(np.zeros((1, 4, 4, 3), np.uint8), "p")
             assert "if it serves TLS, pass its CA" in info.value.message, info.value.message

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.core.server import ServerConfig
-from tests.conftest import MeanPixelScorer, running_server
+from services.inprocess import InProcessRewardClient
+from tests.conftest import MeanPixelScorer
 from tests.tiny_sd3 import tiny_model
 from trainer.config import TrainConfig, build_config
 from trainer.loop import Trainer
@@ -40,17 +40,18 @@ def tiny_config(tmp_path: Path, *, K: int = 3, G: int = 2, iterations: int = 1) 
 async def run_training(
     cfg: TrainConfig, run_dir: Path, *, latent: bool = False, resume: Path | None = None
 ) -> Trainer:
-    async with running_server(MeanPixelScorer(), ServerConfig(port=0)) as server:
-        cfg.reward.rewards = [RewardSpec(name="meanpixel", endpoint=f"127.0.0.1:{server.port}")]
-        rewards = RewardSet(cfg.reward)
-        await rewards.start()
-        try:
-            model = tiny_model(latent=latent)
-            trainer = Trainer(cfg, model, rewards, run_dir, resume=resume)
-            await trainer.train()
-            return trainer
-        finally:
-            await rewards.close()
+    # The reward is not what these tests are about: an in-process client, the server's checks without a
+    # socket (test_trainer_faults and the CLI tests cover the gRPC path).
+    cfg.reward.rewards = [RewardSpec(name="meanpixel")]
+    rewards = RewardSet(cfg.reward)
+    await rewards.connect({"meanpixel": InProcessRewardClient(MeanPixelScorer())})
+    try:
+        model = tiny_model(latent=latent)
+        trainer = Trainer(cfg, model, rewards, run_dir, resume=resume)
+        await trainer.train()
+        return trainer
+    finally:
+        await rewards.close()
 
 
 @pytest.mark.parametrize("latent", [False, True], ids=["pixel", "vae"])

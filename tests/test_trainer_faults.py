@@ -39,7 +39,7 @@ def test_reward_outage_mid_run_is_waited_out_and_no_sample_is_lost_or_doubled(tm
     async def main() -> None:
         server = await start_server(port)
         rewards = RewardSet(cfg.reward)
-        await rewards.start()
+        await rewards.connect()
         trainer = Trainer(cfg, tiny_model(), rewards, run_dir)
         training = asyncio.ensure_future(trainer.train())
         metrics = run_dir / "metrics.jsonl"
@@ -73,7 +73,7 @@ def test_reward_service_that_never_returns_fails_the_run_clearly(tmp_path: Path)
     async def main() -> None:
         server = await start_server(port)
         rewards = RewardSet(cfg.reward)
-        await rewards.start()
+        await rewards.connect()
         await server.drain()  # gone for good after the run started
         trainer = Trainer(cfg, tiny_model(), rewards, tmp_path / "run")
         try:

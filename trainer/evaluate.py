@@ -163,7 +163,7 @@ async def evaluate_model(
     images = generate(model, expanded, steps=steps, sampler=cfg.rollout.sampler, seed=seed)
     rewards = RewardSet(cfg.reward)
     try:
-        await rewards.start()
+        await rewards.connect()
         rewards.submit(
             torch.arange(len(expanded)),
             images,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.client import RewardClient, RewardError
+from services.client import GrpcRewardClient, RewardClient, RewardError
 from services.core.server import READY_PREFIX
 from trainer import children
 from trainer.validation import check, positive
@@ -159,35 +159,45 @@ class RewardSet:
         self.identities: dict[str, dict[str, Any]] = {}
         self._pending: list[asyncio.Task[ChunkScores]] = []
 
-    async def start(self) -> None:
+    async def connect(self, clients: Mapping[str, RewardClient] | None = None) -> None:
+        """Bind every reward to a client, before any scoring: the one ``clients`` gives for its name
+        (an in-process scorer, another transport), else a gRPC client of its endpoint, with a local
+        service started first for a reward that names none. Each is described once, so a reward that
+        is unreachable, or lacks the configured output, stops the run here, naming it."""
         token = os.environ.get(self.config.token_env) or None
         for spec in self.specs:
-            endpoint = spec.endpoint
-            if not endpoint:
-                service = LocalService(spec.name, spec.local_args)
-                self._local.append(service)
-                endpoint = await service.start()
-                log.info("started local %s reward service on %s", spec.name, endpoint)
-            client = RewardClient(endpoint, token=token, timeout_s=self.config.timeout_s)
-            try:
-                info = await client.describe(timeout_s=self.config.connect_timeout_s)
-            except RewardError as exc:
-                raise RewardUnavailable(f"reward {spec.name!r} at {endpoint}: {exc}") from None
-            if not spec.output:
-                spec.output = info.outputs[0]
-            if spec.output not in info.outputs:
-                raise ValueError(
-                    f"reward {spec.name!r}: service has no output {spec.output!r} ({list(info.outputs)})"
-                )
-            self._clients[spec.name] = client
-            self.identities[spec.name] = {
-                "endpoint": endpoint,
-                "name": info.name,
-                "version": info.version,
-                "checkpoint_sha256": info.checkpoint_sha256,
-                "output": spec.output,
-                "weight": spec.weight,
-            }
+            client = (clients or {}).get(spec.name)
+            where = "in process"
+            if client is None:
+                where = spec.endpoint
+                if not where:
+                    service = LocalService(spec.name, spec.local_args)
+                    self._local.append(service)
+                    where = await service.start()
+                    log.info("started local %s reward service on %s", spec.name, where)
+                client = GrpcRewardClient(where, token=token, timeout_s=self.config.timeout_s)
+            await self._bind(spec, client, where)
+
+    async def _bind(self, spec: RewardSpec, client: RewardClient, where: str) -> None:
+        try:
+            info = await client.describe(timeout_s=self.config.connect_timeout_s)
+        except RewardError as exc:
+            raise RewardUnavailable(f"reward {spec.name!r} at {where}: {exc}") from None
+        if not spec.output:
+            spec.output = info.outputs[0]
+        if spec.output not in info.outputs:
+            raise ValueError(
+                f"reward {spec.name!r}: service has no output {spec.output!r} ({list(info.outputs)})"
+            )
+        self._clients[spec.name] = client
+        self.identities[spec.name] = {
+            "endpoint": where,
+            "name": info.name,
+            "version": info.version,
+            "checkpoint_sha256": info.checkpoint_sha256,
+            "output": spec.output,
+            "weight": spec.weight,
+        }
 
     def submit(
         self,

@@ -82,7 +82,7 @@ async def train(cfg: TrainConfig, run_dir: Path, resume: Path | None) -> None:
     model = load_model(cfg.model, device)
     rewards = RewardSet(cfg.reward)
     try:
-        await rewards.start()
+        await rewards.connect()
         # Again, now that the services have filled in what the config left open (each reward's output),
         # so config.json is the config the run used.
         _save_config(cfg, run_dir)
