@@ -50,7 +50,7 @@ def test_the_latest_lora_path_loads_at_the_trained_strength(tmp_path: Path) -> N
         "timestep": torch.tensor([250.0, 750.0]),
     }
     transformer = trainer.model.transformer
-    load_adapter_state(transformer, POLICY, trainer.ema)
+    load_adapter_state(transformer, POLICY, trainer.policy.ema)
     use_adapter(transformer, POLICY)
     trained = velocity(transformer, inputs)
 

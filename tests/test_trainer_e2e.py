@@ -95,8 +95,8 @@ def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
         a, b = adapter_state(straight.model.transformer, name), adapter_state(resumed.model.transformer, name)
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    for key in straight.ema:
-        assert torch.equal(straight.ema[key], resumed.ema[key])
+    for key in straight.policy.ema:
+        assert torch.equal(straight.policy.ema[key], resumed.policy.ema[key])
 
     def metrics(run: str) -> list[dict]:
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -33,7 +33,6 @@ from trainer import checkpoint as ckpt
 from trainer import children
 from trainer.config import TrainConfig
 from trainer.diversity import layout_diversity, pixel_diversity
-from trainer.loop import EMA
 from trainer.model import (
     POLICY,
     FlowModel,
@@ -43,6 +42,7 @@ from trainer.model import (
     pick_device,
     use_adapter,
 )
+from trainer.policy import EMA
 from trainer.prompts import Record, load_records, reward_metadata
 from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
 from trainer.rollout import RolloutConfig, sample, sample_sigmas

@@ -2,8 +2,9 @@
 
 perturb → rollout (scored as it goes) → advantages → NFT update → old-policy sync → EMA → log → checkpoint.
 
-State lives here (model, optimiser, EMA, generators, prompt stream, reward services); the math lives
-in perturb / sampler / nft and the per-sample bookkeeping in rollout.
+``Trainer.run_iteration`` is that list of named steps. State lives here (model, optimiser, generators,
+prompt stream, reward services) and in the :class:`~trainer.policy.Policy` (θ, θ_old, EMA); the math
+lives in perturb / sampler / nft and the per-sample bookkeeping in rollout.
 """
 
 from __future__ import annotations
@@ -27,22 +28,15 @@ from trainer.model import (
     OLD,
     POLICY,
     FlowModel,
-    adapter_named_params,
-    adapter_params,
-    adapter_state,
-    load_adapter_state,
     lora_config_kwargs,
-    use_adapter,
 )
 from trainer.nft import (
-    blend_,
-    ema_decay,
     group_advantages,
     group_stats,
-    old_policy_decay,
     optimality_probability,
 )
 from trainer.perturb import PerturbResult, perturb_prompts, sample_initial_deltas
+from trainer.policy import EMA, Policy
 from trainer.prompts import PromptStream, Record, load_records, reward_metadata, with_tags
 from trainer.rewards import RewardSet
 from trainer.rollout import (
@@ -60,7 +54,6 @@ from trainer.tracking import RunLog
 from trainer.update import TrainBatch, nft_update
 
 log = logging.getLogger(__name__)
-EMA = "ema"
 
 
 def across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -88,6 +81,18 @@ class Rollout:
     """Every output of every reward service, (N,) each."""
     reward_wait: float
     """Seconds spent waiting for scores after the last chunk was sampled."""
+
+
+@dataclass
+class Groups:
+    """The iteration's advantage groups: each sample's group key (its prompt), every rank's rewards and
+    keys, where this rank's samples start among them, and this rank's optimality probabilities r."""
+
+    keys: list[str]
+    all_keys: list[str]
+    all_rewards: np.ndarray
+    start: int
+    r: torch.Tensor
 
 
 @dataclass
@@ -123,24 +128,21 @@ class Trainer:
                 "processes: each rank samples whole prompts, the same number on every rank"
             )
         optim = config.optim
+        self.policy = Policy(model.transformer, config.nft)
         self.optimizer = torch.optim.AdamW(
-            adapter_params(model.transformer, POLICY),
+            self.policy.trainable(),
             lr=optim.lr,
             betas=optim.betas,
             weight_decay=optim.weight_decay,
             eps=optim.eps,
         )
         self.transformer, self.optimizer = acc.prepare(model.transformer, self.optimizer)
-        self.ema = {
-            k: p.detach().clone().float() for k, p in adapter_named_params(model.transformer, POLICY).items()
-        }
         # Every random number of the algorithm is drawn from a generator keyed by what it is for
         # (trainer.seeding): independent of the device and of the rank layout, and replayed on resume.
         self.seed = config.run.seed
         records = with_tags(load_records(config.data.train, "train"), config.data.train_tags)
         self.stream = PromptStream(records, seed=config.run.seed, balance_by_tag=config.data.balance_by_tag)
         self.iteration = 0
-        self.global_step = 0
         if resume is not None:
             self._restore(resume)
         self.log = RunLog(
@@ -181,12 +183,10 @@ class Trainer:
             self.log.close()
 
     async def run_iteration(self) -> IterationResult:
+        """One iteration of Algorithm 1, step by step."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        acc = self.accelerator
-        picked = self.stream.next(self.config.data.num_prompts)
-        positions = list(range(acc.process_index, len(picked), acc.num_processes))
-        records = [picked[i] for i in positions]
+        records, positions = self.prompts()
         prompts = [r["prompt"] for r in records]
         c_orig = self.model.text.encode(prompts)
 
@@ -195,76 +195,109 @@ class Trainer:
 
         rollout_started = time.perf_counter()
         rollout = await self.rollout(records, c_orig, c_opt, positions)
-        plan, rewards, outputs = rollout.plan, rollout.rewards, rollout.outputs
         timings["time/rollout"] = time.perf_counter() - rollout_started - rollout.reward_wait
         timings["time/reward_wait"] = rollout.reward_wait
 
-        # Every rank computes the same advantages over all ranks' samples, then keeps its own slice.
-        keys = [prompts[int(p)] for p in plan.prompt_index]
-        rank_keys = gather_object([keys])
-        all_rewards = np.concatenate(gather_object([rewards]))
-        all_keys = [k for part in rank_keys for k in part]
-        advantages = group_advantages(all_rewards, all_keys, std_mode=self.config.nft.std_mode)
-        start = sum(len(part) for part in rank_keys[: acc.process_index])
-        mine = advantages[start : start + len(keys)]
-        r = optimality_probability(mine, adv_clip=self.config.nft.adv_clip).float()
+        groups = self.advantages(prompts, rollout)
 
         update_started = time.perf_counter()
+        parts, steps = self.update(rollout, groups.r, c_orig, c_opt, positions)
+        decay = self.policy.after_update(steps)  # sync θ_old and the EMA
+        timings["time/update"] = time.perf_counter() - update_started
+        timings["time/iteration"] = time.perf_counter() - started
+
+        metrics = self.iteration_metrics(groups, rollout, parts, perturbed, decay, timings)
+        return IterationResult(metrics=metrics, samples=self.sample_rows(groups, rollout))
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    def prompts(self) -> tuple[list[Record], list[int]]:
+        """This rank's records of the iteration's prompts, and their positions among all ranks'."""
+        acc = self.accelerator
+        picked = self.stream.next(self.config.data.num_prompts)
+        positions = list(range(acc.process_index, len(picked), acc.num_processes))
+        return [picked[i] for i in positions], positions
+
+    def advantages(self, prompts: list[str], rollout: Rollout) -> Groups:
+        """Group advantages over every rank's samples (each rank computes the same), this rank's r."""
+        keys = [prompts[int(p)] for p in rollout.plan.prompt_index]
+        rank_keys = gather_object([keys])
+        all_rewards = np.concatenate(gather_object([rollout.rewards]))
+        all_keys = [k for part in rank_keys for k in part]
+        advantages = group_advantages(all_rewards, all_keys, std_mode=self.config.nft.std_mode)
+        start = sum(len(part) for part in rank_keys[: self.accelerator.process_index])
+        mine = advantages[start : start + len(keys)]
+        r = optimality_probability(mine, adv_clip=self.config.nft.adv_clip).float()
+        return Groups(keys=keys, all_keys=all_keys, all_rewards=all_rewards, start=start, r=r)
+
+    def update(
+        self,
+        rollout: Rollout,
+        r: torch.Tensor,
+        c_orig: Conditioning,
+        c_opt: Conditioning | None,
+        positions: list[int],
+    ) -> tuple[dict[str, float], int]:
+        """The NFT update of θ on this iteration's samples, conditioned on C_orig (decoupled optimisation)."""
+        plan = rollout.plan
         condition = self._training_condition(plan, c_orig, c_opt)
         sample_draws = [
             self.draws("update", positions[int(p)], int(j), int(k))
             for p, j, k in zip(plan.prompt_index, plan.noise_index, plan.condition_index, strict=True)
         ]
-        parts, steps = nft_update(
+        return nft_update(
             self.model,
-            acc,
+            self.accelerator,
             self.transformer,
             self.optimizer,
             TrainBatch(x0=rollout.x0, condition=condition, r=r, generators=sample_draws),
             rollout.sigmas,
             self.config.nft,
             self.config.optim,
-            self.draws("order", acc.process_index),
+            self.draws("order", self.accelerator.process_index),
         )
-        policy = adapter_params(self.model.transformer, POLICY)
-        for _ in range(steps):
-            self.global_step += 1
-            if self.config.nft.ema:
-                blend_(self.ema.values(), policy, ema_decay(self.global_step))
-        decay = old_policy_decay(self.global_step, self.config.nft.old_decay)
-        blend_(adapter_params(self.model.transformer, OLD), policy, decay)
-        timings["time/update"] = time.perf_counter() - update_started
-        timings["time/iteration"] = time.perf_counter() - started
 
+    def iteration_metrics(
+        self,
+        groups: Groups,
+        rollout: Rollout,
+        parts: dict[str, float],
+        perturbed: PerturbResult | None,
+        decay: float,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """What DiffusionNFT logs (group statistics, loss parts), E2PO's perturbation statistics, timings."""
         metrics: dict[str, Any] = {}
-        metrics.update(group_stats(all_rewards, all_keys))
-        for name, values in outputs.items():
+        metrics.update(group_stats(groups.all_rewards, groups.all_keys))
+        for name, values in rollout.outputs.items():
             metrics[f"reward/{name}"] = float(np.mean(np.concatenate(gather_object([values]))))
         metrics.update({f"nft/{k}": v for k, v in across_ranks(parts).items()})
         metrics["nft/old_decay"] = decay
-        metrics["nft/r_mean"] = across_ranks({"r": float(r.mean())})["r"]
+        metrics["nft/r_mean"] = across_ranks({"r": float(groups.r.mean())})["r"]
         metrics.update(across_ranks(perturbed.stats() if perturbed is not None else {}))
         metrics.update(timings)
-        metrics["global_step"] = self.global_step
-        samples = [
+        metrics["global_step"] = self.policy.global_step
+        return metrics
+
+    def sample_rows(self, groups: Groups, rollout: Rollout) -> list[dict[str, Any]]:
+        """One row per sample of every rank (prompt, noise, condition, rewards), logged once."""
+        plan = rollout.plan
+        rows = [
             {
-                "sample": start + i,
-                "prompt": keys[i],
+                "sample": groups.start + i,
+                "prompt": groups.keys[i],
                 "noise": int(plan.noise_index[i]),
                 "condition": int(plan.condition_index[i]),
-                "reward": float(rewards[i]),
-                **{name: float(values[i]) for name, values in outputs.items()},
+                "reward": float(rollout.rewards[i]),
+                **{name: float(values[i]) for name, values in rollout.outputs.items()},
             }
-            for i in range(len(keys))
+            for i in range(len(groups.keys))
         ]
-        samples = [s for part in gather_object([samples]) for s in part]  # every rank's, logged once
-        return IterationResult(metrics=metrics, samples=samples)
+        return [row for part in gather_object([rows]) for row in part]
 
     def draws(self, purpose: str, *key: int) -> torch.Generator:
         """The generator of this iteration's draws for ``purpose`` and ``key`` (trainer.seeding)."""
         return keyed_generator(self.seed, purpose, self.iteration, *key)
-
-    # -- steps -------------------------------------------------------------------------------------
 
     def perturb(
         self, prompts: list[str], positions: list[int]
@@ -299,8 +332,7 @@ class Trainer:
         noise = draw_noise(cfg, model.sample_shape, [self.draws("noise", p) for p in positions])
         sigmas = sample_sigmas(model, cfg.num_steps)
         x0_parts = []
-        use_adapter(model.transformer, OLD)
-        try:
+        with self.policy.adapter(OLD):
             for indices in iterate_chunks(plan, cfg.batch_size):
                 x1 = noise[plan.prompt_index[indices], plan.noise_index[indices]].to(device)
                 orig, opt, perturbed = sample_conditions(indices, plan, c_orig, c_opt)
@@ -316,8 +348,6 @@ class Trainer:
                     [reward_metadata(r) for r in chunk_records],
                 )
                 x0_parts.append(x0.cpu())
-        finally:
-            use_adapter(model.transformer, POLICY)
         waited = time.perf_counter()
         chunks = await self.rewards.collect()
         reward_wait = time.perf_counter() - waited
@@ -344,39 +374,24 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        transformer = self.model.transformer
-        ema_state = self._ema_state()
+        adapters = self.policy.state()
         return ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             state=ckpt.TrainerState(
                 iteration=self.iteration,
-                global_step=self.global_step,
+                global_step=self.policy.global_step,
                 prompt_stream=self.stream.state_dict(),
                 extra={"rewards": self.rewards.identities},
             ),
-            adapters={
-                POLICY: adapter_state(transformer, POLICY),
-                OLD: adapter_state(transformer, OLD),
-                EMA: ema_state,
-            },
+            adapters=adapters,
             optimizer=self.optimizer,
             generators={},
-            lora_export=ema_state,
-            lora_config=lora_config_kwargs(transformer, POLICY),
+            lora_export=adapters[EMA],
+            lora_config=lora_config_kwargs(self.model.transformer, POLICY),
         )
-
-    def _ema_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.ema.items()}
 
     def _restore(self, path: Path) -> None:
         state, adapters = ckpt.load_checkpoint(path, optimizer=self.optimizer, generators={})
-        transformer = self.model.transformer
-        load_adapter_state(transformer, POLICY, adapters[POLICY])
-        load_adapter_state(transformer, OLD, adapters[OLD])
-        if set(adapters[EMA]) != set(self.ema):
-            raise ValueError(f"checkpoint {path} has an EMA for different adapter parameters")
-        self.ema = {k: adapters[EMA][k].to(v.device).float().clone() for k, v in self.ema.items()}
-        use_adapter(transformer, POLICY)
+        self.policy.load_state(adapters, state.global_step, path)
         self.iteration = state.iteration
-        self.global_step = state.global_step
         self.stream.load_state_dict(state.prompt_stream)

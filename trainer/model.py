@@ -11,8 +11,10 @@ the KL reference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -260,6 +262,16 @@ def use_adapter(transformer: SD3Transformer2DModel, name: str) -> None:
     for pname, param in transformer.named_parameters():
         if "lora_" in pname:
             param.requires_grad_(f".{POLICY}." in pname)
+
+
+@contextlib.contextmanager
+def active_adapter(transformer: SD3Transformer2DModel, name: str) -> Iterator[None]:
+    """Adapter ``name`` active for the block, θ (``POLICY``) again after it, however the block ends."""
+    use_adapter(transformer, name)
+    try:
+        yield
+    finally:
+        use_adapter(transformer, POLICY)
 
 
 @torch.no_grad()

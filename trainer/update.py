@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 
-from trainer.model import OLD, POLICY, FlowModel, use_adapter
+from trainer.model import OLD, FlowModel, active_adapter
 from trainer.nft import NFTConfig, nft_loss
 from trainer.text import Conditioning
 from trainer.validation import check, check_literals, positive
@@ -151,14 +151,13 @@ def _loss_and_backward(
     dtype = bare.dtype
     args = (x_t.to(dtype), t, cond.prompt_embeds.to(dtype), cond.pooled.to(dtype))
     with torch.no_grad(), accelerator.autocast():
-        use_adapter(bare, OLD)
-        v_old = model.velocity(*args)
+        with active_adapter(bare, OLD):
+            v_old = model.velocity(*args)
         v_ref = None
         if nft.kl_weight > 0:
             bare.disable_adapters()
             v_ref = model.velocity(*args)
             bare.enable_adapters()
-        use_adapter(bare, POLICY)
     with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
         with accelerator.autocast():
             v_theta = transformer(
