@@ -17,9 +17,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from services.aesthetic.head import EMBED_DIM, AestheticHead
 from services.aesthetic.scorer import AestheticScorer
-from services.clip_shared.tiny import seeded
-from services.clip_shared.tokenizer import VOCAB_SIZE
-from services.clip_shared.transforms import IMAGE_SIZE
+from services.clip_shared.tiny import seeded, tiny_clip_config
 from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, Scorer
 
 BENCH_SEED = 0
@@ -30,21 +28,7 @@ VISION = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6,
 
 def bench_clip_config() -> CLIPConfig:
     """The benchmark CLIP: a ViT-B/32-style image tower; the text tower is minimal (the rating ignores it)."""
-    return CLIPConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": VOCAB_SIZE - 2,
-            "eos_token_id": VOCAB_SIZE - 1,
-            "pad_token_id": VOCAB_SIZE - 1,
-        },
-        vision_config={**VISION, "image_size": IMAGE_SIZE, "patch_size": 32},
-        projection_dim=EMBED_DIM,
-    )
+    return tiny_clip_config(projection_dim=EMBED_DIM, vision=VISION)
 
 
 def bench_clip_scorer(device: str = "cpu") -> AestheticScorer:

@@ -24,12 +24,9 @@ from typing import Literal
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from services.clip_shared.tokenizer import VOCAB_SIZE, clip_tokenizer
-
-BOS_TOKEN_ID = 49406
-EOS_TOKEN_ID = 49407
-"""CLIP's start/end-of-text ids. The encoder config must name the real end id: with transformers' legacy
-default of 2, pooling silently falls back to the argmax of the ids."""
+# The encoder config must name CLIP's real end-of-text id: with transformers' legacy default of 2,
+# pooling silently falls back to the argmax of the ids.
+from services.clip_shared.tokenizer import END_OF_TEXT_ID, START_OF_TEXT_ID, VOCAB_SIZE, clip_tokenizer
 
 SD3_MAX_LENGTH = 77
 """CLIP's context length; SD3 pads every prompt to it."""
@@ -79,9 +76,9 @@ class ClipTextConfig:
             num_attention_heads=self.num_heads,
             max_position_embeddings=self.max_length,
             hidden_act=self.hidden_act,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-            pad_token_id=EOS_TOKEN_ID,
+            bos_token_id=START_OF_TEXT_ID,
+            eos_token_id=END_OF_TEXT_ID,
+            pad_token_id=END_OF_TEXT_ID,
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+from services.clip_shared.tokenizer import END_OF_TEXT_ID
 from services.geneval.grid import GridLayout, tag_grid
 from shapes import pretrain
 from shapes.heldout import (
@@ -34,7 +35,7 @@ from shapes.model import (
 )
 from shapes.prompts import all_metadata
 from shapes.render import render
-from shapes.text import EOS_TOKEN_ID, ClipTextConfig
+from shapes.text import ClipTextConfig
 from shapes.vocab import TAGS
 from tests.tiny_sd3 import vae_less_pipeline
 from trainer.sampler import sample as trainer_sample
@@ -112,10 +113,10 @@ def test_encode_prompt_equals_diffusers_sd3_pipeline(small_model, t5_sequence_le
 
 def test_pooling_reads_the_first_end_of_text_token(small_model):
     encoder = small_model.text_encoder
-    assert encoder.config.eos_token_id == EOS_TOKEN_ID
+    assert encoder.config.eos_token_id == END_OF_TEXT_ID
     ids_l, ids_g = small_model.tokenize(["a photo of two red squares"])
     assert ids_g[0, -1] == 0, "CLIP-G role pads with '!' as SD3's second tokenizer"
-    end = int((ids_l[0] == EOS_TOKEN_ID).nonzero()[0])
+    end = int((ids_l[0] == END_OF_TEXT_ID).nonzero()[0])
     out = encoder(ids_l, output_hidden_states=True)
     manual = encoder.text_projection(encoder.text_model.final_layer_norm(out.hidden_states[-1])[0, end])
     torch.testing.assert_close(out.text_embeds[0], manual)

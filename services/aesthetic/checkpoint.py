@@ -16,9 +16,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from services.aesthetic.head import EMBED_DIM, HEAD_FILES, AestheticHead, load_head
-from services.clip_shared.tiny import TINY_SEED, seeded
-from services.clip_shared.tokenizer import VOCAB_SIZE
-from services.clip_shared.transforms import IMAGE_SIZE
+from services.clip_shared.tiny import TINY_SEED, seeded, tiny_clip_config
 from services.clip_shared.weights import hf_weight_files, resolve_hf_dir, weights_sha256
 
 CLIP_ID = "openai/clip-vit-large-patch14"
@@ -64,28 +62,7 @@ def load(clip_checkpoint: str, head_path: Path) -> AestheticCheckpoint:
 
 def tiny_config() -> CLIPConfig:
     """A 2-layer, 32-wide CLIP at 224² projecting to 768 dims like ViT-L/14 (its text tower is unused)."""
-    return CLIPConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": VOCAB_SIZE - 2,
-            "eos_token_id": VOCAB_SIZE - 1,
-            "pad_token_id": VOCAB_SIZE - 1,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 32,
-        },
-        projection_dim=EMBED_DIM,
-    )
+    return tiny_clip_config(projection_dim=EMBED_DIM)
 
 
 def build_tiny(seed: int = TINY_SEED) -> AestheticCheckpoint:

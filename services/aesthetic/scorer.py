@@ -22,7 +22,7 @@ from services.aesthetic import checkpoint as ckpt
 from services.aesthetic.head import AestheticHead
 from services.clip_shared.transforms import center_crop_transform, preprocess_batch
 from services.core.flags import ArgumentAdder
-from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
+from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, require_one_source
 
 VERSION = "1"
 
@@ -48,10 +48,7 @@ class AestheticScorer:
         head: str | Path | None = None,
     ) -> AestheticScorer:
         """``checkpoint``: CLIP ViT-L/14 (hub id or directory); ``head``: the MLP head file."""
-        if tiny == (checkpoint is not None):
-            raise ValueError(
-                f"aesthetic needs exactly one of --tiny or --checkpoint (CLIP ViT-L/14, e.g. {ckpt.CLIP_ID})"
-            )
+        require_one_source("aesthetic", checkpoint, tiny, f"CLIP ViT-L/14, e.g. {ckpt.CLIP_ID}")
         if tiny:
             if head is not None:
                 raise ValueError("--tiny builds a seeded head; drop --head or --tiny")

@@ -23,6 +23,10 @@ NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 49408
+START_OF_TEXT_ID = VOCAB_SIZE - 2
+"""Id of ``<|startoftext|>`` in CLIP's vocabulary (49406)."""
+END_OF_TEXT_ID = VOCAB_SIZE - 1
+"""Id of ``<|endoftext|>`` (49407); CLIP pools its text at the first one."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

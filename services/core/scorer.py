@@ -105,6 +105,13 @@ class Scorer(Protocol):
         ...
 
 
+def require_one_source(name: str, checkpoint: str | None, tiny: bool, example: str) -> None:
+    """A scorer loads either a tiny model built from a config (``--tiny``) or real weights
+    (``--checkpoint``): exactly one; ``example`` says what a checkpoint is for this scorer."""
+    if tiny == (checkpoint is not None):
+        raise ValueError(f"{name} needs exactly one of --tiny or --checkpoint ({example})")
+
+
 def check_output(identity: ModelIdentity, batch: ScoreBatch, output: ScoreOutput) -> None:
     """Fail loudly when a scorer's output does not match its declared identity.
 

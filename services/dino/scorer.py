@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import DINOv3ViTModel
 
-from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
+from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, require_one_source
 from services.dino.diversity import (
     cosine_distances,
     mean_distance_to_others,
@@ -55,11 +55,12 @@ class DinoScorer:
 
     @classmethod
     def build(cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu") -> DinoScorer:
-        if tiny == (checkpoint is not None):
-            raise ValueError(
-                "dino needs exactly one of --tiny or --checkpoint "
-                "(e.g. facebook/dinov3-vits16-pretrain-lvd1689m, gated, or a local copy of it)"
-            )
+        require_one_source(
+            "dino",
+            checkpoint,
+            tiny,
+            "e.g. facebook/dinov3-vits16-pretrain-lvd1689m, gated, or a local copy of it",
+        )
         if tiny:
             return cls(build_tiny(TINY_SEED), checkpoint_sha256=f"tiny:{TINY_SEED}", device=device)
         directory = resolve_dir(checkpoint)

@@ -19,7 +19,7 @@ import torch
 from open_clip.model import CLIP
 
 from services.clip_shared.transforms import pad_transform, preprocess_batch
-from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
+from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, require_one_source
 from services.hps import checkpoint as ckpt
 
 VERSION = "1"
@@ -40,8 +40,7 @@ class HPSScorer:
 
     @classmethod
     def build(cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu") -> HPSScorer:
-        if tiny == (checkpoint is not None):
-            raise ValueError(f"hps needs exactly one of --tiny or --checkpoint (e.g. {ckpt.HUB_REPO})")
+        require_one_source("hps", checkpoint, tiny, f"e.g. {ckpt.HUB_REPO}")
         loaded = ckpt.build_tiny() if checkpoint is None else ckpt.load(checkpoint)
         return cls(loaded.model, loaded.tokenizer, checkpoint_sha256=loaded.sha256, device=device)
 

@@ -11,7 +11,7 @@ import torch
 from transformers import BertTokenizer
 
 from services.core.hashing import file_sha256
-from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
+from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, require_one_source
 from services.imagereward.checkpoint import load_model, resolve_files
 from services.imagereward.model import ImageRewardModel, build_tiny
 from services.imagereward.preprocess import (
@@ -58,11 +58,12 @@ class ImageRewardScorer:
     def build(
         cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu"
     ) -> ImageRewardScorer:
-        if tiny == (checkpoint is not None):
-            raise ValueError(
-                "imagereward needs exactly one of --tiny or --checkpoint "
-                "(a directory with ImageReward.pt, med_config.json and bert-base-uncased's vocab.txt)"
-            )
+        require_one_source(
+            "imagereward",
+            checkpoint,
+            tiny,
+            "a directory with ImageReward.pt, med_config.json and bert-base-uncased's vocab.txt",
+        )
         if tiny:
             with tempfile.TemporaryDirectory() as scratch:
                 write_tiny_vocab(Path(scratch))

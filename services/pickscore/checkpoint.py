@@ -17,9 +17,16 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
 
-from services.clip_shared.tiny import TINY_SEED, seeded
-from services.clip_shared.tokenizer import END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE, clip_tokenizer
-from services.clip_shared.transforms import IMAGE_SIZE, check_center_crop_config
+from services.clip_shared.tiny import TINY_SEED, seeded, tiny_clip_config
+from services.clip_shared.tokenizer import (
+    END_OF_TEXT,
+    END_OF_TEXT_ID,
+    START_OF_TEXT,
+    START_OF_TEXT_ID,
+    VOCAB_SIZE,
+    clip_tokenizer,
+)
+from services.clip_shared.transforms import check_center_crop_config
 from services.clip_shared.weights import hf_weight_files, resolve_hf_dir, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -30,8 +37,6 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 """Either set is a complete CLIP tokenizer (the processor repository ships both)."""
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 MAX_TOKENS = 77
-EOS_TOKEN_ID = VOCAB_SIZE - 1
-BOS_TOKEN_ID = VOCAB_SIZE - 2
 
 
 @dataclass(kw_only=True)
@@ -48,28 +53,7 @@ def tiny_config() -> CLIPConfig:
     ``eos_token_id`` must be the real end-of-text id: with the legacy value 2, transformers pools the text at
     ``argmax(input_ids)`` instead of at the first end-of-text token.
     """
-    return CLIPConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": MAX_TOKENS,
-            "bos_token_id": BOS_TOKEN_ID,
-            "eos_token_id": EOS_TOKEN_ID,
-            "pad_token_id": EOS_TOKEN_ID,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 32,
-        },
-        projection_dim=16,
-    )
+    return tiny_clip_config(projection_dim=16, text_layers=2)
 
 
 def build_tiny(seed: int = TINY_SEED) -> PickScoreCheckpoint:
@@ -107,8 +91,8 @@ def _check_processor(directory: Path) -> None:
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """The model was trained on CLIP's BPE ids; a different vocabulary would score silently wrong."""
     ids = tokenizer.convert_tokens_to_ids([START_OF_TEXT, END_OF_TEXT])
-    if len(tokenizer) != VOCAB_SIZE or ids != [BOS_TOKEN_ID, EOS_TOKEN_ID]:
+    if len(tokenizer) != VOCAB_SIZE or ids != [START_OF_TEXT_ID, END_OF_TEXT_ID]:
         raise ValueError(
             f"tokenizer in {directory} is not CLIP's BPE: {len(tokenizer)} tokens, start/end ids {ids}, "
-            f"expected {VOCAB_SIZE} tokens and [{BOS_TOKEN_ID}, {EOS_TOKEN_ID}]"
+            f"expected {VOCAB_SIZE} tokens and [{START_OF_TEXT_ID}, {END_OF_TEXT_ID}]"
         )

@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from services.clip_shared.transforms import center_crop_transform, preprocess_batch
-from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput
+from services.core.scorer import ModelIdentity, ScoreBatch, ScoreOutput, require_one_source
 from services.pickscore import checkpoint as ckpt
 
 REWARD_SCALE = 26.0
@@ -48,8 +48,7 @@ class PickScoreScorer:
     def build(
         cls, *, checkpoint: str | None = None, tiny: bool = False, device: str = "cpu"
     ) -> PickScoreScorer:
-        if tiny == (checkpoint is not None):
-            raise ValueError(f"pickscore needs exactly one of --tiny or --checkpoint (e.g. {ckpt.MODEL_ID})")
+        require_one_source("pickscore", checkpoint, tiny, f"e.g. {ckpt.MODEL_ID}")
         loaded = ckpt.build_tiny() if checkpoint is None else ckpt.load(checkpoint)
         return cls(loaded.model, loaded.tokenizer, checkpoint_sha256=loaded.sha256, device=device)
 
