@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shapes.prompts import PromptSplitConfig, split_prompts
-from trainer.prompts import PromptStream, load_records, with_tags
+from trainer.prompts import PromptStream, load_records, with_prompts, with_tags
 
 
 def test_with_tags_keeps_exactly_the_records_of_those_tags():
@@ -39,3 +39,21 @@ def test_the_collapse_preset_draws_distinct_prompts_each_iteration():
     for _ in range(3):  # 24 of the 25 prompts: within one epoch of the permutation
         drawn = [r["prompt"] for r in stream.next(data.num_prompts)]
         assert len(set(drawn)) == data.num_prompts
+
+
+def test_with_prompts_keeps_exactly_the_named_records_and_refuses_unknown_names():
+    records = with_tags(load_records("shapes", "train"), ("colors",))
+    names = [r["prompt"] for r in records if r["prompt"].endswith(" circle")]
+    chosen = with_prompts(records, names)
+    assert sorted(r["prompt"] for r in chosen) == sorted(names) and 0 < len(chosen) < len(records)
+    assert all(r["tag"] == "colors" and r["include"][0]["class"] == "circle" for r in chosen)
+    assert with_prompts(records, ()) == records
+    with pytest.raises(ValueError, match="no training record has: \\['a photo of a purple circel'\\]"):
+        with_prompts(records, [*names, "a photo of a purple circel"])
+
+
+def test_train_prompts_come_from_the_command_line_as_a_tuple():
+    from trainer.config import build_config
+
+    cfg = build_config("shapes", overrides=["data.train_prompts=a photo of a red circle,a photo of a circle"])
+    assert cfg.data.train_prompts == ("a photo of a red circle", "a photo of a circle")

@@ -37,7 +37,7 @@ from trainer.nft import (
 )
 from trainer.perturb import PerturbResult, perturb_prompts, sample_initial_deltas
 from trainer.policy import EMA, Policy
-from trainer.prompts import PromptStream, Record, load_records, reward_metadata, with_tags
+from trainer.prompts import PromptStream, Record, load_records, reward_metadata, with_prompts, with_tags
 from trainer.rewards import RewardSet
 from trainer.rollout import (
     RolloutPlan,
@@ -141,6 +141,7 @@ class Trainer:
         # (trainer.seeding): independent of the device and of the rank layout, and replayed on resume.
         self.seed = config.run.seed
         records = with_tags(load_records(config.data.train, "train"), config.data.train_tags)
+        records = with_prompts(records, config.data.train_prompts)
         self.stream = PromptStream(records, seed=config.run.seed, balance_by_tag=config.data.balance_by_tag)
         self.iteration = 0
         if resume is not None:

@@ -37,6 +37,10 @@ class DataConfig:
     """Train only on records with these GenEval tags (empty: every record). The held-out set is not
     filtered, so a run trained on a few easy tags can saturate its training reward while the held-out
     score still has room (the ``shapes-collapse`` preset)."""
+    train_prompts: tuple[str, ...] = ()
+    """Train only on the records with exactly these prompts, among those ``train_tags`` keeps (empty:
+    all of them). Every name must match a record, so a typo fails at the start, not as a smaller run.
+    The ``shapes-collapse`` preset trains on the prompts the prior already half solves."""
     balance_by_tag: bool = True
     """Draw training prompts tag by tag in turn (every tag trains equally, however few prompts it has),
     or uniformly over the records (False). A tag with fewer prompts than its share of an iteration's
@@ -78,6 +82,16 @@ def with_tags(records: Sequence[Record], tags: Sequence[str]) -> list[Record]:
     if not chosen:
         raise ValueError(f"no training prompt has a tag in {list(tags)}")
     return chosen
+
+
+def with_prompts(records: Sequence[Record], prompts: Sequence[str]) -> list[Record]:
+    """The records whose prompt is one of ``prompts`` (all of them when ``prompts`` is empty)."""
+    if not prompts:
+        return list(records)
+    missing = sorted(set(prompts) - {r["prompt"] for r in records})
+    if missing:
+        raise ValueError(f"data.train_prompts names prompts no training record has: {missing}")
+    return [r for r in records if r["prompt"] in set(prompts)]
 
 
 class PromptStream:
