@@ -306,7 +306,7 @@ class FairBatcher(Generic[T, R]):
             over = mine + num_images - cfg.max_queued_images_per_client
             retry_after_s = self._retry_after(over * backlogged)
             # A call waiting in line keeps its place while its own client's queue drains.
-            kept = ticket is not None and place is not None and self._waitlist.keep(place, retry_after_s, now)
+            kept = bool(ticket) and self._waitlist.keep(place, retry_after_s, now)  # a named place only
             raise QueueFull(
                 f"client queue full: {mine} images waiting + {num_images} requested > "
                 f"{cfg.max_queued_images_per_client}",
