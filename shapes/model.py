@@ -288,10 +288,13 @@ def weight_checksums(path: str | Path) -> dict[str, str]:
     }
 
 
-def load_scheduler(path: str | Path, shift: float | None = None) -> FlowMatchEulerDiscreteScheduler:
-    """The saved flow-matching scheduler, with its timestep shift replaced when ``shift`` is given."""
+def load_scheduler(
+    path: str | Path, shift: float | None = None, *, subfolder: str | None = None
+) -> FlowMatchEulerDiscreteScheduler:
+    """The saved flow-matching scheduler (a local folder or hub id, optionally a ``subfolder`` of it), with
+    its timestep shift replaced when ``shift`` is given. The one place a run overrides the saved shift."""
     overrides = {} if shift is None else {"shift": shift}
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, **overrides)
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder=subfolder, **overrides)
 
 
 def load_shapes_model(

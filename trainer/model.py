@@ -25,6 +25,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from shapes.model import load_scheduler
 from trainer.text import SD3TextEncoder
 from trainer.validation import check, check_literals, positive
 
@@ -165,8 +166,7 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> FlowM
 
     dtype = DTYPES[config.dtype]
     transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    shift = {} if config.scheduler_shift is None else {"shift": config.scheduler_shift}
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **shift)
+    scheduler = load_scheduler(path, config.scheduler_shift, subfolder="scheduler")
     text_kwargs = {}
     if config.use_t5 and has("text_encoder_3"):
         from transformers import T5EncoderModel, T5TokenizerFast
