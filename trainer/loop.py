@@ -56,16 +56,28 @@ from trainer.update import TrainBatch, nft_update
 log = logging.getLogger(__name__)
 
 
-def across_ranks(values: dict[str, float]) -> dict[str, float]:
+def combine(parts: list[dict[str, float]]) -> dict[str, float]:
     """Per-rank scalars combined over all ranks: ``*_max`` / ``*_min`` by max / min, the rest by the mean
     (each rank holds the same number of prompts and samples, so the mean of means is the mean)."""
-    gathered = gather_object([values])
     out = {}
-    for key in values:
-        column = [part[key] for part in gathered]
+    for key in parts[0] if parts else ():
+        column = [part[key] for part in parts]
         reduce = max if key.endswith("_max") else min if key.endswith("_min") else np.mean
         out[key] = float(reduce(column))
     return out
+
+
+@dataclass
+class RankSamples:
+    """What one rank contributes to the iteration's groups and log, gathered once before the update."""
+
+    keys: list[str]
+    """Group key (prompt) of each of this rank's samples."""
+    rewards: np.ndarray
+    outputs: dict[str, np.ndarray]
+    noise_index: list[int]
+    condition_index: list[int]
+    perturb_stats: dict[str, float]
 
 
 @dataclass
@@ -85,14 +97,21 @@ class Rollout:
 
 @dataclass
 class Groups:
-    """The iteration's advantage groups: each sample's group key (its prompt), every rank's rewards and
-    keys, where this rank's samples start among them, and this rank's optimality probabilities r."""
+    """The iteration's advantage groups over every rank's samples (each rank computes the same), where
+    this rank's samples start among them, and the optimality probabilities r of all samples."""
 
-    keys: list[str]
+    ranks: list[RankSamples]
+    """Every rank's samples, in rank order."""
+    rank: int
     all_keys: list[str]
     all_rewards: np.ndarray
     start: int
-    r: torch.Tensor
+    r_all: torch.Tensor
+
+    @property
+    def r(self) -> torch.Tensor:
+        """This rank's r."""
+        return self.r_all[self.start : self.start + len(self.ranks[self.rank].keys)]
 
 
 @dataclass
@@ -199,7 +218,7 @@ class Trainer:
         timings["time/rollout"] = time.perf_counter() - rollout_started - rollout.reward_wait
         timings["time/reward_wait"] = rollout.reward_wait
 
-        groups = self.advantages(prompts, rollout)
+        groups = self.advantages(prompts, rollout, perturbed)
 
         update_started = time.perf_counter()
         parts, steps = self.update(rollout, groups.r, c_orig, c_opt, positions)
@@ -207,8 +226,8 @@ class Trainer:
         timings["time/update"] = time.perf_counter() - update_started
         timings["time/iteration"] = time.perf_counter() - started
 
-        metrics = self.iteration_metrics(groups, rollout, parts, perturbed, decay, timings)
-        return IterationResult(metrics=metrics, samples=self.sample_rows(groups, rollout))
+        metrics = self.iteration_metrics(groups, parts, decay, timings)
+        return IterationResult(metrics=metrics, samples=self.sample_rows(groups))
 
     # -- the steps ---------------------------------------------------------------------------------
 
@@ -219,17 +238,32 @@ class Trainer:
         positions = list(range(acc.process_index, len(picked), acc.num_processes))
         return [picked[i] for i in positions], positions
 
-    def advantages(self, prompts: list[str], rollout: Rollout) -> Groups:
-        """Group advantages over every rank's samples (each rank computes the same), this rank's r."""
-        keys = [prompts[int(p)] for p in rollout.plan.prompt_index]
-        rank_keys = gather_object([keys])
-        all_rewards = np.concatenate(gather_object([rollout.rewards]))
-        all_keys = [k for part in rank_keys for k in part]
+    def advantages(self, prompts: list[str], rollout: Rollout, perturbed: PerturbResult | None) -> Groups:
+        """Group advantages over every rank's samples. The iteration's one gather before the update
+        carries what the groups and the log need from each rank."""
+        plan = rollout.plan
+        mine = RankSamples(
+            keys=[prompts[int(p)] for p in plan.prompt_index],
+            rewards=rollout.rewards,
+            outputs=rollout.outputs,
+            noise_index=plan.noise_index.tolist(),
+            condition_index=plan.condition_index.tolist(),
+            perturb_stats=perturbed.stats() if perturbed is not None else {},
+        )
+        ranks = gather_object([mine])
+        all_keys = [k for part in ranks for k in part.keys]
+        all_rewards = np.concatenate([part.rewards for part in ranks])
         advantages = group_advantages(all_rewards, all_keys, std_mode=self.config.nft.std_mode)
-        start = sum(len(part) for part in rank_keys[: self.accelerator.process_index])
-        mine = advantages[start : start + len(keys)]
-        r = optimality_probability(mine, adv_clip=self.config.nft.adv_clip).float()
-        return Groups(keys=keys, all_keys=all_keys, all_rewards=all_rewards, start=start, r=r)
+        start = sum(len(part.keys) for part in ranks[: self.accelerator.process_index])
+        r_all = optimality_probability(advantages, adv_clip=self.config.nft.adv_clip).float()
+        return Groups(
+            ranks=ranks,
+            rank=self.accelerator.process_index,
+            all_keys=all_keys,
+            all_rewards=all_rewards,
+            start=start,
+            r_all=r_all,
+        )
 
     def update(
         self,
@@ -261,40 +295,41 @@ class Trainer:
     def iteration_metrics(
         self,
         groups: Groups,
-        rollout: Rollout,
         parts: dict[str, float],
-        perturbed: PerturbResult | None,
         decay: float,
         timings: dict[str, float],
     ) -> dict[str, Any]:
         """What DiffusionNFT logs (group statistics, loss parts), E2PO's perturbation statistics, timings."""
         metrics: dict[str, Any] = {}
         metrics.update(group_stats(groups.all_rewards, groups.all_keys))
-        for name, values in rollout.outputs.items():
-            metrics[f"reward/{name}"] = float(np.mean(np.concatenate(gather_object([values]))))
-        metrics.update({f"nft/{k}": v for k, v in across_ranks(parts).items()})
+        for name in groups.ranks[groups.rank].outputs:
+            values = np.concatenate([part.outputs[name] for part in groups.ranks])
+            metrics[f"reward/{name}"] = float(np.mean(values))
+        # The iteration's one gather after the update: the loss parts.
+        metrics.update({f"nft/{k}": v for k, v in combine(gather_object([parts])).items()})
         metrics["nft/old_decay"] = decay
-        metrics["nft/r_mean"] = across_ranks({"r": float(groups.r.mean())})["r"]
-        metrics.update(across_ranks(perturbed.stats() if perturbed is not None else {}))
+        metrics["nft/r_mean"] = float(groups.r_all.mean())
+        metrics.update(combine([p.perturb_stats for p in groups.ranks]))
         metrics.update(timings)
         metrics["global_step"] = self.policy.global_step
         return metrics
 
-    def sample_rows(self, groups: Groups, rollout: Rollout) -> list[dict[str, Any]]:
+    def sample_rows(self, groups: Groups) -> list[dict[str, Any]]:
         """One row per sample of every rank (prompt, noise, condition, rewards), logged once."""
-        plan = rollout.plan
-        rows = [
-            {
-                "sample": groups.start + i,
-                "prompt": groups.keys[i],
-                "noise": int(plan.noise_index[i]),
-                "condition": int(plan.condition_index[i]),
-                "reward": float(rollout.rewards[i]),
-                **{name: float(values[i]) for name, values in rollout.outputs.items()},
-            }
-            for i in range(len(groups.keys))
-        ]
-        return [row for part in gather_object([rows]) for row in part]
+        rows = []
+        for part in groups.ranks:
+            for i, key in enumerate(part.keys):
+                rows.append(
+                    {
+                        "sample": len(rows),
+                        "prompt": key,
+                        "noise": part.noise_index[i],
+                        "condition": part.condition_index[i],
+                        "reward": float(part.rewards[i]),
+                        **{name: float(values[i]) for name, values in part.outputs.items()},
+                    }
+                )
+        return rows
 
     def draws(self, purpose: str, *key: int) -> torch.Generator:
         """The generator of this iteration's draws for ``purpose`` and ``key`` (trainer.seeding)."""
