@@ -243,7 +243,7 @@ def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: 
     from trainer.model import POLICY, adapter_params
     from trainer.nft import NFTConfig
     from trainer.rollout import sample_sigmas
-    from trainer.update import OptimConfig, TrainBatch, nft_update, train_sigmas
+    from trainer.update import Learner, OptimConfig, TrainBatch, nft_update, train_sigmas
 
     optimizer = torch.optim.AdamW(adapter_params(model.transformer, POLICY), lr=3e-4, weight_decay=1e-4)
     prepared, optimizer = accelerator.prepare(model.transformer, optimizer)
@@ -257,20 +257,22 @@ def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: 
             x0=torch.randn(batch_size, *model.sample_shape),
             condition=_condition(scale, batch_size, torch.float32, torch.device("cpu")),
             r=torch.rand(batch_size),
+            sigmas=sigmas,
             generators=[torch.Generator().manual_seed(i) for i in range(batch_size)],
+            order=generator,
         )
 
-        def step(grid: torch.Tensor, o: Any = optim, b: Any = batch) -> None:
-            nft_update(model, accelerator, prepared, optimizer, b, grid, nft, o, generator)
+        def step(o: Any = optim, b: Any = batch) -> None:
+            nft_update(Learner(model, prepared, optimizer, accelerator), b, nft, o)
 
         try:
             times: dict[str, float] = {}
             with _timed(times, "warmup_s"):
-                step(sigmas)  # a full update: the timed ones then meet no first-call costs
+                step()  # a full update: the timed ones then meet no first-call costs
             _reset_peak()
             with _timed(times, "update_s"):
                 for _ in range(scale.update_repeats):
-                    step(sigmas)
+                    step()
         except torch.OutOfMemoryError:
             tried.append(batch_size)
             optimizer.zero_grad(set_to_none=True)

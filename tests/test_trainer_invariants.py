@@ -26,7 +26,7 @@ from trainer.model import OLD, POLICY, adapter_named_params, adapter_state, load
 from trainer.nft import NFTConfig
 from trainer.rollout import sample, sample_sigmas
 from trainer.text import Conditioning
-from trainer.update import OptimConfig, TrainBatch, nft_update, train_sigmas
+from trainer.update import Learner, OptimConfig, TrainBatch, nft_update, train_sigmas
 
 G, K = 2, 3
 
@@ -75,9 +75,9 @@ def spied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **rollout: Any) -
         )
         return x0
 
-    def spied_update(model, accelerator, transformer, optimizer, batch, *args, **kwargs):
+    def spied_update(learner, batch, *args, **kwargs):
         spy.batches.append(batch)
-        return real_update(model, accelerator, transformer, optimizer, batch, *args, **kwargs)
+        return real_update(learner, batch, *args, **kwargs)
 
     monkeypatch.setattr(loop.Trainer, "perturb", perturb)
     monkeypatch.setattr(loop.Trainer, "rollout", spied_rollout)
@@ -170,13 +170,15 @@ def test_nft_update_is_the_hand_computed_loss_and_one_sgd_step() -> None:
     optimizer = torch.optim.SGD(adapter_named_params(transformer, POLICY).values(), lr=lr)
     data = torch.Generator().manual_seed(1)
     cond = model.text.encode(["a red circle", "two blue squares"] * 3)
+    sigmas = sample_sigmas(model, 4)
     batch = TrainBatch(
         x0=torch.randn(n, *model.sample_shape, generator=data),
         condition=cond,
         r=torch.rand(n, generator=data),
+        sigmas=sigmas,
         generators=[torch.Generator().manual_seed(100 + i) for i in range(n)],
+        order=torch.Generator().manual_seed(7),
     )
-    sigmas = sample_sigmas(model, 4)
     nft = NFTConfig(nft_beta=0.7, kl_weight=0.3, adv_clip=5.0, train_timestep_fraction=0.8)
     optim = OptimConfig(lr=lr, grad_clip=0.0, train_batch_size=3)
 
@@ -221,17 +223,7 @@ def test_nft_update_is_the_hand_computed_loss_and_one_sgd_step() -> None:
     grads = torch.autograd.grad(total, list(theta.values()))
     expected = {k: (p - lr * g).detach() for (k, p), g in zip(theta.items(), grads, strict=True)}
 
-    means, steps = nft_update(
-        model,
-        accelerator,
-        transformer,
-        optimizer,
-        batch,
-        sigmas,
-        nft,
-        optim,
-        torch.Generator().manual_seed(7),
-    )
+    means, steps = nft_update(Learner(model, transformer, optimizer, accelerator), batch, nft, optim)
     assert steps == 1
     after = adapter_state(transformer, POLICY)
     for key, value in expected.items():

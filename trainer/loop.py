@@ -51,7 +51,7 @@ from trainer.rollout import (
 from trainer.seeding import keyed_generator
 from trainer.text import Conditioning
 from trainer.tracking import RunLog
-from trainer.update import TrainBatch, nft_update
+from trainer.update import Learner, TrainBatch, nft_update
 
 log = logging.getLogger(__name__)
 
@@ -280,17 +280,16 @@ class Trainer:
             self.draws("update", positions[int(p)], int(j), int(k))
             for p, j, k in zip(plan.prompt_index, plan.noise_index, plan.condition_index, strict=True)
         ]
-        return nft_update(
-            self.model,
-            self.accelerator,
-            self.transformer,
-            self.optimizer,
-            TrainBatch(x0=rollout.x0, condition=condition, r=r, generators=sample_draws),
-            rollout.sigmas,
-            self.config.nft,
-            self.config.optim,
-            self.draws("order", self.accelerator.process_index),
+        batch = TrainBatch(
+            x0=rollout.x0,
+            condition=condition,
+            r=r,
+            sigmas=rollout.sigmas,
+            generators=sample_draws,
+            order=self.draws("order", self.accelerator.process_index),
         )
+        learner = Learner(self.model, self.transformer, self.optimizer, self.accelerator)
+        return nft_update(learner, batch, self.config.nft, self.config.optim)
 
     def iteration_metrics(
         self,

@@ -54,15 +54,37 @@ class OptimConfig:
 
 
 @dataclass
+class Learner:
+    """The model as an update trains it. Two handles of one transformer: ``prepared`` is the
+    accelerate-prepared (possibly DDP-wrapped) module the θ forward and backward go through;
+    ``model.transformer`` is the bare module of the no-grad θ_old and reference forwards, which must not
+    trigger DDP's gradient hooks."""
+
+    model: FlowModel
+    prepared: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+
+
+@dataclass
 class TrainBatch:
-    """What an update needs per sample: x0 (N, C, H, W), its training condition, r (N,), and its own
-    generator, which draws the sample's training timesteps and then its noise at each of them (so a
-    sample's draws do not depend on which rank or micro-batch it lands in; ``trainer.seeding``)."""
+    """One iteration's samples as the update needs them.
+
+    Each sample has its own generator, which draws its training timesteps and then its noise at each of
+    them, so a sample's draws do not depend on which rank or micro-batch it lands in
+    (``trainer.seeding``); ``order`` only shuffles the samples into micro-batches.
+    """
 
     x0: torch.Tensor
+    """(N, C, H, W) the clean rollout samples."""
     condition: Conditioning
+    """The training condition of each sample (C_orig under decoupled optimisation)."""
     r: torch.Tensor
+    """(N,) optimality probabilities."""
+    sigmas: torch.Tensor
+    """(steps + 1,) the rollout's σ grid; training timesteps are drawn from its first ``steps``."""
     generators: list[torch.Generator]
+    order: torch.Generator
 
 
 def train_sigmas(sigmas: torch.Tensor, fraction: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -76,30 +98,19 @@ def train_sigmas(sigmas: torch.Tensor, fraction: float, generators: list[torch.G
 
 
 def nft_update(
-    model: FlowModel,
-    accelerator: Accelerator,
-    transformer: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: TrainBatch,
-    sigmas: torch.Tensor,
-    nft: NFTConfig,
-    optim: OptimConfig,
-    generator: torch.Generator,
+    learner: Learner, batch: TrainBatch, nft: NFTConfig, optim: OptimConfig
 ) -> tuple[dict[str, float], int]:
     """Run this iteration's optimiser steps; return mean loss parts and the number of steps taken.
 
-    ``transformer`` is the accelerate-prepared (possibly DDP-wrapped) module used for the θ forward;
-    the no-grad θ_old and reference forwards go through the bare ``model.transformer``. ``generator``
-    only shuffles the samples into micro-batches; each sample's own draws come from ``batch.generators``.
     With equal micro-batches the gradient is the mean over samples, so the shuffle, and how the samples
     are split across DDP ranks, change it only by float rounding.
     """
-    device = accelerator.device
+    accelerator, device = learner.accelerator, learner.accelerator.device
     num = batch.x0.shape[0]
     if len(batch.generators) != num:
         raise ValueError(f"need one generator per sample, got {len(batch.generators)} for {num}")
-    order = torch.randperm(num, generator=generator)
-    t_all = train_sigmas(sigmas, nft.train_timestep_fraction, batch.generators)
+    order = torch.randperm(num, generator=batch.order)
+    t_all = train_sigmas(batch.sigmas, nft.train_timestep_fraction, batch.generators)
     windows = [w for w in order.tensor_split(optim.optimizer_steps_per_iteration) if len(w)]
     totals: dict[str, float] = defaultdict(float)
     count = 0
@@ -118,16 +129,15 @@ def nft_update(
                 ).to(device)
                 x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
                 last = m == len(micro) - 1 and j == t_all.shape[1] - 1
-                parts = _loss_and_backward(
-                    model, accelerator, transformer, x_t, x0, t, cond, r, nft, scale, last
-                )
+                parts = _loss_and_backward(learner, x_t, x0, t, cond, r, nft, scale, last)
                 for key, value in parts.items():
                     totals[key] += value
                 count += 1
         if optim.grad_clip > 0:
-            grad_norms.append(float(accelerator.clip_grad_norm_(transformer.parameters(), optim.grad_clip)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            norm = accelerator.clip_grad_norm_(learner.prepared.parameters(), optim.grad_clip)
+            grad_norms.append(float(norm))
+        learner.optimizer.step()
+        learner.optimizer.zero_grad(set_to_none=True)
     means = {k: v / max(count, 1) for k, v in totals.items()}
     if grad_norms:
         means["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -135,9 +145,7 @@ def nft_update(
 
 
 def _loss_and_backward(
-    model: FlowModel,
-    accelerator: Accelerator,
-    transformer: torch.nn.Module,
+    learner: Learner,
     x_t: torch.Tensor,
     x0: torch.Tensor,
     t: torch.Tensor,
@@ -147,6 +155,7 @@ def _loss_and_backward(
     scale: float,
     sync: bool,
 ) -> dict[str, float]:
+    model, accelerator, transformer = learner.model, learner.accelerator, learner.prepared
     bare = model.transformer
     dtype = bare.dtype
     args = (x_t.to(dtype), t, cond.prompt_embeds.to(dtype), cond.pooled.to(dtype))
