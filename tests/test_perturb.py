@@ -16,6 +16,7 @@ from trainer.perturb import (
     content_mask,
     diversity_loss,
     embedding_objective,
+    mean_token_norm,
     optimize_perturbations,
     project_max_norm_,
     resolve_max_norm,
@@ -275,13 +276,15 @@ def test_no_token_exceeds_max_norm_after_optimisation(encoder, tokenizer) -> Non
 def test_relative_max_norm_scales_with_embedding_norm(encoder, tokenizer) -> None:
     _, embeds, mask, embed_fn = setup(encoder, tokenizer, [*PROMPTS[:2], ""], max_length=16)
     config = PerturbConfig(max_norm=0.5, max_norm_mode="relative")
-    bound = resolve_max_norm(embeds, mask, config)
+    token_norm = mean_token_norm(embeds, mask)
+    bound = resolve_max_norm(token_norm, config)
     for row in range(2):
-        hand = 0.5 * embeds[row][mask[row]].norm(dim=-1).mean()
-        assert bound[row].item() == pytest.approx(hand.item(), rel=1e-6)
+        hand = embeds[row][mask[row]].norm(dim=-1).mean()
+        assert token_norm[row].item() == pytest.approx(hand.item(), rel=1e-6)
+        assert bound[row].item() == pytest.approx(0.5 * hand.item(), rel=1e-6)
     assert bound[2].item() == 0.0  # empty prompt
-    torch.testing.assert_close(resolve_max_norm(10 * embeds, mask, config), 10 * bound)
-    absolute = resolve_max_norm(embeds, mask, PerturbConfig(max_norm=0.5))
+    torch.testing.assert_close(resolve_max_norm(mean_token_norm(10 * embeds, mask), config), 10 * bound)
+    absolute = resolve_max_norm(token_norm, PerturbConfig(max_norm=0.5))
     assert torch.equal(absolute, torch.full((3,), 0.5))
 
     result = optimize_perturbations(
@@ -292,7 +295,9 @@ def test_relative_max_norm_scales_with_embedding_norm(encoder, tokenizer) -> Non
         PerturbConfig(num_steps=5, lr=0.05, max_norm=0.1, max_norm_mode="relative"),
         torch.Generator().manual_seed(0),
     )
-    token_bound = resolve_max_norm(embeds, mask, PerturbConfig(max_norm=0.1, max_norm_mode="relative"))
+    token_bound = 0.1 * token_norm
+    torch.testing.assert_close(result.bound, token_bound)  # the result says which bound it was held to
+    torch.testing.assert_close(result.token_norm, token_norm)
     assert (result.delta_norm <= token_bound[:, None, None] * (1 + 1e-6)).all()
     assert result.delta_norm[0].max().item() == pytest.approx(token_bound[0].item(), rel=1e-4)
 

@@ -99,6 +99,10 @@ class PerturbResult:
     """(P, M, S) L2 norm of each token's δ (zero outside the content positions)."""
     mask: Tensor
     """(P, S) the content positions the δ live on."""
+    token_norm: Tensor
+    """(P,) mean L2 norm of each prompt's content-token embeddings (the unit of a relative bound)."""
+    bound: Tensor
+    """(P,) the max-norm each prompt's δ was projected to (per token, or per variant for ``global``)."""
     loss_history: Tensor
     """(num_steps,) Σ_p L_emb before each Adam step (float32 on the encoder's device)."""
     lambda_div: float
@@ -187,19 +191,22 @@ def cosine_to_anchor(e: Tensor, e_anchor: Tensor) -> Tensor:
     return F.cosine_similarity(e.to(dtype), e_anchor.to(dtype)[:, None, :], dim=-1)
 
 
-def resolve_max_norm(token_embeds: Tensor, mask: Tensor, config: PerturbConfig) -> Tensor:
-    """The max-norm bound of each prompt: token_embeds (P, S, d), mask (P, S) → (P,) float32 or wider.
+def mean_token_norm(token_embeds: Tensor, mask: Tensor) -> Tensor:
+    """token_embeds (P, S, d), mask (P, S) → (P,) the mean L2 norm of each prompt's content-token
+    embeddings, float32 or wider (0 for a prompt without content tokens)."""
+    token_norms = token_embeds.to(_cos_dtype(token_embeds.dtype)).norm(dim=-1) * mask
+    return token_norms.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+
+
+def resolve_max_norm(token_norm: Tensor, config: PerturbConfig) -> Tensor:
+    """The max-norm bound of each prompt from its :func:`mean_token_norm` (P,) → (P,).
 
     ``absolute`` → ``config.max_norm`` for every prompt; ``relative`` → ``config.max_norm`` × the mean
-    L2 norm of the prompt's content-token embeddings (0 for a prompt without content tokens, where δ
-    is zero anyway).
+    content-token norm (0 for a prompt without content tokens, where δ is zero anyway).
     """
-    dtype = _cos_dtype(token_embeds.dtype)
     if config.max_norm_mode == "absolute":
-        return torch.full((token_embeds.shape[0],), config.max_norm, dtype=dtype, device=token_embeds.device)
-    token_norms = token_embeds.to(dtype).norm(dim=-1) * mask
-    num_content = mask.sum(dim=-1).clamp(min=1)
-    return config.max_norm * token_norms.sum(dim=-1) / num_content
+        return torch.full_like(token_norm, config.max_norm)
+    return config.max_norm * token_norm
 
 
 @torch.no_grad()
@@ -338,7 +345,8 @@ def optimize_perturbations(
         if num_variants == 0 or num_prompts == 0:
             return _empty_result(embeds, delta, mask, config)
 
-        bound = resolve_max_norm(embeds, mask, config)
+        token_norm = mean_token_norm(embeds, mask)
+        bound = resolve_max_norm(token_norm, config)
         project_max_norm_(delta, mask, bound, config.norm_projection)
         with torch.no_grad():
             e_anchor = embed_fn(embeds).detach()
@@ -367,6 +375,8 @@ def optimize_perturbations(
         loss_anc=loss_anc.detach(),
         delta_norm=delta.norm(dim=-1),
         mask=mask,
+        token_norm=token_norm,
+        bound=bound,
         loss_history=loss_history,
         lambda_div=config.lambda_div,
     )
@@ -376,6 +386,7 @@ def _empty_result(embeds: Tensor, delta: Tensor, mask: Tensor, config: PerturbCo
     """K = 1 (or no prompts): nothing to optimise and no encoder call."""
     num_prompts, num_variants = delta.shape[:2]
     zeros = embeds.new_zeros(num_prompts, dtype=delta.dtype)
+    token_norm = mean_token_norm(embeds, mask)
     return PerturbResult(
         deltas=delta.detach(),
         perturbed_embeds=(embeds[:, None].to(delta.dtype) + delta).to(embeds.dtype).detach(),
@@ -384,6 +395,8 @@ def _empty_result(embeds: Tensor, delta: Tensor, mask: Tensor, config: PerturbCo
         loss_anc=zeros.clone(),
         delta_norm=delta.detach().norm(dim=-1),
         mask=mask,
+        token_norm=token_norm,
+        bound=resolve_max_norm(token_norm, config),
         loss_history=embeds.new_zeros(0, dtype=torch.float32),
         lambda_div=config.lambda_div,
     )

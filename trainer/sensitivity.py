@@ -43,7 +43,6 @@ from trainer.perturb import (
     PerturbConfig,
     PerturbResult,
     perturb_prompts,
-    resolve_max_norm,
     sample_initial_deltas,
 )
 from trainer.rollout import sample, sample_sigmas
@@ -79,15 +78,14 @@ def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def binding(result: PerturbResult, config: PerturbConfig) -> dict[str, float]:
     """Which constraint holds the perturbation back: the norm ball, or the anchor band μ ± ε."""
-    token_embeds = result.perturbed_embeds.to(result.deltas.dtype) - result.deltas
-    bounds = resolve_max_norm(token_embeds[:, 0], result.mask, config)  # (P,)
     content = result.mask[:, None, :].expand_as(result.delta_norm)
-    at_bound = result.delta_norm >= 0.99 * bounds[:, None, None]
-    token_norms = token_embeds[:, 0].norm(dim=-1)[result.mask]
+    at_bound = result.delta_norm >= 0.99 * result.bound[:, None, None]
+    counts = result.mask.sum(dim=-1)  # content tokens per prompt: the mean below is over all tokens
+    token_norm_mean = (result.token_norm * counts).sum() / counts.sum().clamp(min=1)
     in_band = (result.cos_to_anchor - config.anchor_mu).abs() <= config.anchor_eps
     return {
-        "token_norm_mean": float(token_norms.mean()),
-        "bound_mean": float(bounds.mean()),
+        "token_norm_mean": float(token_norm_mean),
+        "bound_mean": float(result.bound.mean()),
         "tokens_at_bound": float(at_bound[content].float().mean()),
         "cos_to_anchor_min": float(result.cos_to_anchor.min()),
         "cos_to_anchor_max": float(result.cos_to_anchor.max()),
