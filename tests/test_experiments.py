@@ -4,6 +4,9 @@ the committed results folder alone."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,79 @@ def test_report_is_built_from_the_results_folder_alone(tmp_path: Path):
     )
     assert "| DiffusionNFT (G=4, K=1): same noises | 3 |" in text
     assert "3 of 3 | 1 (median)" in text  # nft-g4: zero-std 0.5 ≥ 0.3 from its first iteration on
+
+
+class FakeService:
+    """Stands in for the study's local GenEval service: the commands below never call it."""
+
+    def __init__(self, *args) -> None:
+        pass
+
+    async def start(self) -> str:
+        return "127.0.0.1:1"
+
+    def stop(self) -> None:
+        pass
+
+
+LOG_AND_SLEEP = (
+    "import sys, time; log = open(sys.argv[1], 'a'); t = time.time; "
+    "log.write(f'{t()} start {sys.argv[2]}\\n'); log.flush(); time.sleep(float(sys.argv[3])); "
+    "log.write(f'{t()} end {sys.argv[2]}\\n'); sys.exit(int(sys.argv[4]))"
+)
+
+
+def fake_command(log: Path, key: str, seconds: float, code: int = 0) -> list[str]:
+    """A command that logs its start and end (wall clock) around a sleep, then exits with ``code``."""
+    return [sys.executable, "-c", LOG_AND_SLEEP, str(log), key, str(seconds), str(code)]
+
+
+def test_reproduce_runs_jobs_at_once_each_evaluated_after_its_training(tmp_path: Path, monkeypatch) -> None:
+    log = tmp_path / "log"
+    collected = []
+    monkeypatch.setattr(experiments, "LocalService", FakeService)
+    monkeypatch.setattr(
+        experiments,
+        "train_command",
+        lambda st, arm, seed, *_: fake_command(log, f"train {arm.name} {seed}", 0.4),
+    )
+    monkeypatch.setattr(
+        experiments,
+        "eval_command",
+        lambda run, *_: fake_command(log, f"eval {run.parent.name} {run.name.removeprefix('seed-')}", 0.2),
+    )
+    monkeypatch.setattr(experiments, "collect", lambda directory, destination: collected.append(destination))
+    monkeypatch.setattr(experiments, "code_commit", lambda: {"commit": "0" * 40, "dirty": False})
+    plan = TABLE1.plan(seeds=2, extra_seeds=0)
+    experiments.reproduce(TABLE1, plan, tmp_path / "out", tmp_path / "results", jobs=2)
+
+    events = [line.split(maxsplit=2) for line in log.read_text().splitlines()]
+    events.sort(key=lambda e: float(e[0]))
+    at_once, most = 0, 0
+    for _, kind, _ in events:
+        at_once += 1 if kind == "start" else -1
+        most = max(most, at_once)
+    assert most == 2  # two runs overlapped, never three
+    names = [name for _, kind, name in events if kind == "start"]
+    for arm, seed in plan:
+        assert names.index(f"eval {arm.name} {seed}") > names.index(f"train {arm.name} {seed}")
+    assert sorted(collected) == sorted(
+        experiments.run_dir(tmp_path / "results", TABLE1, a, s) for a, s in plan
+    )
+
+
+def test_a_failed_run_stops_the_runs_beside_it(tmp_path: Path, monkeypatch) -> None:
+    log = tmp_path / "log"
+    monkeypatch.setattr(experiments, "LocalService", FakeService)
+
+    def train(study, arm, seed, *_) -> list[str]:
+        failing = arm.name == "nft-g16"
+        return fake_command(log, f"train {arm.name}", 0.1 if failing else 30, code=3 if failing else 0)
+
+    monkeypatch.setattr(experiments, "train_command", train)
+    monkeypatch.setattr(experiments, "code_commit", lambda: {"commit": "0" * 40, "dirty": False})
+    started = time.monotonic()
+    with pytest.raises(subprocess.CalledProcessError):
+        experiments.reproduce(TABLE1, TABLE1.plan(1, 0), tmp_path / "out", tmp_path / "results", jobs=2)
+    assert time.monotonic() - started < 10  # the 30 s run beside it was stopped, not waited for
+    assert "end train nft-g4" not in log.read_text()

@@ -14,6 +14,7 @@ import ctypes
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,14 +48,21 @@ def popen(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """SIGTERM, up to ``grace_s`` to exit (a trainer stops its own children meanwhile), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_all([proc], grace_s)
+
+
+def stop_all(procs: Sequence[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """:func:`stop` for several children at once: all are signalled first, so they share one grace."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in live:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(cmd: Sequence[str], *, grace_s: float = 30.0, **kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """The shapes-world studies: the paper's Table 1 comparison, and ablations of E2PO's parts.
 
-    python -m trainer.experiments reproduce [--study table1] [--seeds 8] [--extra-seeds 3]
+    python -m trainer.experiments reproduce [--study table1] [--seeds 8] [--extra-seeds 3] [--jobs 2]
     python -m trainer.experiments report [--study table1] [--doc docs/results.md]
 
 ``reproduce`` runs every arm as an ordinary ``python -m trainer.run`` (so what is measured is the
@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from trainer import children
@@ -118,23 +119,52 @@ def record_code(results: Path, study: Study) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def reproduce(study: Study, plan: list[tuple[Arm, int]], out: Path, results: Path) -> None:
+def reproduce(study: Study, plan: list[tuple[Arm, int]], out: Path, results: Path, jobs: int = 1) -> None:
+    """Train, evaluate and collect every run of ``plan`` not yet collected, ``jobs`` runs at a time.
+
+    With ``jobs`` > 1 each run gets cpu_count // jobs threads: the shapes model is too small to use many
+    cores in one process, so two 1-thread runs on two cores finish ~2× sooner than one after another.
+    Children are started from this (main) thread, so each dies with the study (``trainer.children``).
+    """
     record_code(results, study)
+    pending = []
+    for arm, seed in plan:
+        if (run_dir(results, study, arm, seed) / "eval.json").exists():
+            print(f"[done] {arm.name} seed {seed}", flush=True)
+        else:
+            pending.append((arm, seed))
+    env = None
+    if jobs > 1:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     service = LocalService("geneval", ["--detector", "shapes"])
     endpoint = asyncio.run(service.start())
+    running: dict[subprocess.Popen, tuple[Arm, int, str]] = {}
     try:
-        for arm, seed in plan:
-            destination = run_dir(results, study, arm, seed)
-            if (destination / "eval.json").exists():
-                print(f"[done] {arm.name} seed {seed}", flush=True)
+        while pending or running:
+            while pending and len(running) < jobs:
+                arm, seed = pending.pop(0)
+                directory = run_dir(out, study, arm, seed)
+                print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
+                command = train_command(study, arm, seed, directory, endpoint)
+                running[children.popen(command, env=env)] = (arm, seed, "train")
+            finished = [proc for proc in running if proc.poll() is not None]
+            if not finished:
+                time.sleep(0.5)
                 continue
-            directory = run_dir(out, study, arm, seed)
-            print(f"[train] {arm.name} seed {seed} → {directory}", flush=True)
-            children.run(train_command(study, arm, seed, directory, endpoint))
-            children.run(eval_command(directory, endpoint, study.eval_samples), stdout=subprocess.DEVNULL)
-            collect(directory, destination)
-            print(f"[results] {destination}", flush=True)
+            for proc in finished:
+                arm, seed, stage = running.pop(proc)
+                if proc.returncode != 0:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args)
+                directory = run_dir(out, study, arm, seed)
+                if stage == "train":
+                    command = eval_command(directory, endpoint, study.eval_samples)
+                    running[children.popen(command, env=env, stdout=subprocess.DEVNULL)] = (arm, seed, "eval")
+                else:
+                    destination = run_dir(results, study, arm, seed)
+                    collect(directory, destination)
+                    print(f"[results] {destination}", flush=True)
     finally:
+        children.stop_all(list(running))
         service.stop()
 
 
@@ -149,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--extra-seeds", type=int, help="seeds of the extra arms (default: the study's)")
     rep.add_argument("--iterations", type=int, help="per run (default: the study's)")
     rep.add_argument("--arm", action="append", default=[], help="run only these arms (by name)")
+    rep.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the CPUs (default 1)")
     report = sub.add_parser("report", help="docs/results.md and its plots from the committed results")
     report.add_argument("--study", choices=sorted(STUDIES), default="table1")
     report.add_argument("--results", type=Path, default=RESULTS)
@@ -157,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     study = STUDIES[args.study]
     if args.command == "reproduce":
+        if args.jobs < 1:
+            p.error(f"--jobs must be at least 1, got {args.jobs}")
         if args.iterations is not None:
             study = Study(**{**study.__dict__, "iterations": args.iterations})
         plan = study.plan(args.seeds, args.extra_seeds)
@@ -167,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = [(arm, seed) for arm, seed in plan if arm.name in args.arm]
         children.stop_on_sigterm()
         try:
-            reproduce(study, plan, args.out, args.results)
+            reproduce(study, plan, args.out, args.results, args.jobs)
         except KeyboardInterrupt:
             print(
                 f"stopped; finished runs are kept, rerun the same command to continue ({args.out})",
