@@ -33,7 +33,8 @@ def test_table1_arms_have_the_labelled_noises_and_conditions(arm, noises, condit
     cfg = resolved(TABLE1, arm, 3, tmp_path)
     assert (cfg.rollout.num_noises, cfg.rollout.num_conditions) == (noises, conditions)
     assert cfg.run.seed == 3 and cfg.run.iterations == TABLE1.iterations
-    assert cfg.data.train_tags == ("single_object", "colors") and cfg.model.scheduler_shift == 3.0
+    assert len(cfg.data.train_prompts) == cfg.data.num_prompts == 7 and cfg.model.scheduler_shift == 3.0
+    assert all(p.endswith(" circle") for p in cfg.data.train_prompts)
     # The paper's perturbation (Table 3) in the shapes encoder's units: 0.05 / 0.4 of a token's norm.
     assert (cfg.perturb.num_steps, cfg.perturb.max_norm, cfg.perturb.max_norm_mode) == (
         300,

@@ -34,11 +34,11 @@ def test_the_collapse_preset_draws_distinct_prompts_each_iteration():
     from trainer.config import build_config
 
     data = build_config("shapes-collapse").data
-    records = with_tags(load_records("shapes", "train"), data.train_tags)
+    records = with_prompts(with_tags(load_records("shapes", "train"), data.train_tags), data.train_prompts)
     stream = PromptStream(records, seed=3, balance_by_tag=data.balance_by_tag)
-    for _ in range(3):  # 24 of the 25 prompts: within one epoch of the permutation
+    for _ in range(3):  # every iteration is one whole epoch of the seven circle prompts
         drawn = [r["prompt"] for r in stream.next(data.num_prompts)]
-        assert len(set(drawn)) == data.num_prompts
+        assert len(set(drawn)) == data.num_prompts == len(records) == 7
 
 
 def test_with_prompts_keeps_exactly_the_named_records_and_refuses_unknown_names():

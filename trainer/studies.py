@@ -56,8 +56,9 @@ NFT_G16 = Arm("nft-g16", "DiffusionNFT (G=16, K=1): same samples", baseline=True
 TABLE1 = Study(
     name="table1",
     preset="shapes-collapse",
-    # 20 iterations: the whole study (8 seeds × 3 arms + 3 seeds × 2 arms) fits ~7 CPU-hours on 2 cores.
-    iterations=20,
+    # 40 iterations (the preset's): with `reproduce --jobs 2` the whole study (8 seeds × 3 arms + 3 seeds
+    # × 2 arms, each run evaluated) is ~6.8 CPU-hours, ~3.4 hours on this 2-core VM (docs/results.md).
+    iterations=40,
     arms=(NFT_G4, NFT_G16, E2PO_G4K4),
     seeds=8,
     extra_arms=(
