@@ -271,6 +271,8 @@ def test_no_token_exceeds_max_norm_after_optimisation(encoder, tokenizer) -> Non
         result.perturbed_embeds[~content], embeds[:, None].expand_as(result.perturbed_embeds)[~content]
     )
     assert result.stats()["perturb/delta_norm_max"] <= 0.02 * (1 + 1e-6)
+    assert result.stats()["perturb/bound_mean"] == pytest.approx(0.02)
+    assert result.stats()["perturb/tokens_at_bound"] == 1.0  # the norm ball binds every token
 
 
 def test_relative_max_norm_scales_with_embedding_norm(encoder, tokenizer) -> None:

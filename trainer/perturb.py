@@ -112,6 +112,13 @@ class PerturbResult:
     def num_variants(self) -> int:
         return self.deltas.shape[1]
 
+    def tokens_at_bound(self) -> float:
+        """Share of the variants' content tokens whose δ norm is within 1 % of the prompt's bound: near 1
+        when the norm ball, not the anchor band, is what holds the perturbation back (per-token bound)."""
+        content = self.mask[:, None, :].expand_as(self.delta_norm)
+        at_bound = self.delta_norm >= 0.99 * self.bound[:, None, None]
+        return float(at_bound[content].float().mean()) if content.any() else 0.0
+
     def stats(self) -> dict[str, float]:
         """Scalars for the training log; {} when there were no variants (K = 1)."""
         if self.num_variants == 0 or self.deltas.shape[0] == 0:
@@ -126,6 +133,8 @@ class PerturbResult:
             "perturb/loss": (self.lambda_div * self.loss_div + self.loss_anc).mean().item(),
             "perturb/delta_norm_mean": norms.mean().item() if norms.numel() else 0.0,
             "perturb/delta_norm_max": norms.max().item() if norms.numel() else 0.0,
+            "perturb/bound_mean": self.bound.mean().item(),
+            "perturb/tokens_at_bound": self.tokens_at_bound(),
         }
         if self.num_variants >= 2:
             # L_div is itself the mean pairwise cosine among the variants

@@ -78,15 +78,13 @@ def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def binding(result: PerturbResult, config: PerturbConfig) -> dict[str, float]:
     """Which constraint holds the perturbation back: the norm ball, or the anchor band μ ± ε."""
-    content = result.mask[:, None, :].expand_as(result.delta_norm)
-    at_bound = result.delta_norm >= 0.99 * result.bound[:, None, None]
     counts = result.mask.sum(dim=-1)  # content tokens per prompt: the mean below is over all tokens
     token_norm_mean = (result.token_norm * counts).sum() / counts.sum().clamp(min=1)
     in_band = (result.cos_to_anchor - config.anchor_mu).abs() <= config.anchor_eps
     return {
         "token_norm_mean": float(token_norm_mean),
         "bound_mean": float(result.bound.mean()),
-        "tokens_at_bound": float(at_bound[content].float().mean()),
+        "tokens_at_bound": result.tokens_at_bound(),
         "cos_to_anchor_min": float(result.cos_to_anchor.min()),
         "cos_to_anchor_max": float(result.cos_to_anchor.max()),
         "variants_in_anchor_band": float(in_band.float().mean()),
