@@ -12,10 +12,9 @@ import pytest
 from trainer.results import (
     bootstrap_interval,
     collapse_onset,
-    equal_across_conditions,
     held_out,
     paired_differences,
-    ties_per_iteration,
+    ties_across_conditions,
 )
 
 
@@ -43,12 +42,12 @@ def test_cells_whose_conditions_all_tie_are_counted(tmp_path: Path):
         # prompt a drawn a second time in iteration 2: its own cell, which ties
         (2, "a", 0, 0, 1.0), (2, "a", 0, 1, 1.0), (2, "a", 0, 2, 1.0),
     ]  # fmt: skip
-    assert equal_across_conditions(write_rewards(tmp_path / "r.jsonl", rows)) == 3 / 5
+    assert ties_across_conditions(write_rewards(tmp_path / "r.jsonl", rows))["equal_across_k"] == 3 / 5
 
 
 def test_one_condition_per_noise_has_no_cells(tmp_path: Path):
     rows = [(1, "a", g, 0, 0.0) for g in range(4)] + [(1, "a", g, 0, 0.0) for g in range(4)]  # a drawn twice
-    assert math.isnan(equal_across_conditions(write_rewards(tmp_path / "r.jsonl", rows)))
+    assert math.isnan(ties_across_conditions(write_rewards(tmp_path / "r.jsonl", rows))["equal_across_k"])
 
 
 def test_ties_per_iteration_splits_the_same_cells_by_iteration(tmp_path: Path):
@@ -58,8 +57,8 @@ def test_ties_per_iteration_splits_the_same_cells_by_iteration(tmp_path: Path):
         (2, "a", 0, 0, 1.0), (2, "a", 0, 1, 1.0),  # tie
     ]  # fmt: skip
     path = write_rewards(tmp_path / "r.jsonl", rows)
-    assert ties_per_iteration(path) == {"1": 0.5, "2": 1.0}
-    assert equal_across_conditions(path) == 2 / 3
+    assert ties_across_conditions(path)["per_iteration"] == {"1": 0.5, "2": 1.0}
+    assert ties_across_conditions(path)["equal_across_k"] == 2 / 3
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_seeds():

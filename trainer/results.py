@@ -69,16 +69,6 @@ def ties_across_conditions(rewards_jsonl: Path) -> dict[str, Any]:
     }
 
 
-def equal_across_conditions(rewards_jsonl: Path) -> float:
-    """The overall share of :func:`ties_across_conditions`."""
-    return ties_across_conditions(rewards_jsonl)["equal_across_k"]
-
-
-def ties_per_iteration(rewards_jsonl: Path) -> dict[str, float]:
-    """The per-iteration shares of :func:`ties_across_conditions`."""
-    return ties_across_conditions(rewards_jsonl)["per_iteration"]
-
-
 def train_seconds(metrics: Sequence[dict[str, Any]]) -> float:
     """Seconds spent in a run's training iterations, summed from its per-iteration log. Unlike a timer
     around the process it survives interruption: a resumed run's earlier iterations are still counted."""
