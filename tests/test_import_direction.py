@@ -58,6 +58,61 @@ def imported_packages(path: Path) -> set[str]:
     return found & set(ORDER)
 
 
+def component(module: str) -> str | None:
+    """The picture's node of a project module name: ``services.X`` for the services' parts (the reward
+    core, each scorer, the client…), the top-level package otherwise; None outside the project."""
+    parts = module.split(".")
+    if parts[0] not in ORDER:
+        return None
+    return ".".join(parts[:2]) if parts[0] == "services" and len(parts) > 1 else parts[0]
+
+
+def component_graph() -> set[tuple[str, str]]:
+    """(importer, imported) pairs of components, from every import anywhere in the project's files."""
+    edges = set()
+    for package in ORDER:
+        for path in (ROOT / package).rglob("*.py"):
+            source = component(".".join(path.relative_to(ROOT).with_suffix("").parts))
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    # ``from services import client`` names services.client, not the package itself
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    target = component(name)
+                    if target is not None and target != source:
+                        edges.add((source, target))
+    return edges
+
+
+def mermaid(edges: set[tuple[str, str]]) -> str:
+    """The import picture as a Mermaid flowchart: one box per top-level package, an arrow per import."""
+    nodes = sorted({n for edge in edges for n in edge}, key=lambda n: (ORDER.index(n.split(".")[0]), n))
+    ident = {n: n.replace(".", "_") for n in nodes}
+    lines = ["flowchart BT"]
+    for package in ORDER:
+        members = [n for n in nodes if n.split(".")[0] == package]
+        if package == "services":
+            lines += ["  subgraph services", *(f"    {ident[n]}[{n}]" for n in members), "  end"]
+        else:
+            lines += [f"  {ident[n]}[{n}]" for n in members]
+    lines += [f"  {ident[a]} --> {ident[b]}" for a, b in sorted(edges)]
+    return "\n".join(lines) + "\n"
+
+
+PICTURE = ROOT / "docs" / "architecture.md"
+
+
+def split_picture(text: str) -> tuple[str, str, str]:
+    """(text before, the Mermaid block's body, text after) of a page with one ```mermaid block."""
+    head, rest = text.split("```mermaid\n", 1)
+    body, tail = rest.split("```", 1)
+    return head, body, tail
+
+
 def against_the_direction() -> list[str]:
     rank = {name: i for i, name in enumerate(ORDER)}
     problems = []
@@ -72,6 +127,18 @@ def against_the_direction() -> list[str]:
 
 def test_no_import_points_against_the_direction() -> None:
     assert against_the_direction() == []
+
+
+def test_the_import_picture_is_the_tree() -> None:
+    """docs/architecture.md draws the imports as they are; regenerate it with
+    ``python tests/test_import_direction.py``."""
+    assert split_picture(PICTURE.read_text())[1] == mermaid(component_graph())
+
+
+def test_the_picture_has_no_arrow_against_the_direction() -> None:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    up = [(a, b) for a, b in component_graph() if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
+    assert up == [("services.geneval", "shapes")]  # the documented adaptor, ALLOWED above
 
 
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
@@ -100,3 +167,9 @@ def test_the_listed_entry_points_are_commands() -> None:
     for name, module in ENTRY_POINTS.items():
         source = (ROOT / module).read_text()
         assert module.endswith("__main__.py") or 'if __name__ == "__main__":' in source, name
+
+
+if __name__ == "__main__":
+    head, _, tail = split_picture(PICTURE.read_text())
+    PICTURE.write_text(f"{head}```mermaid\n{mermaid(component_graph())}```{tail}")
+    print(f"wrote {PICTURE.relative_to(ROOT)}")
