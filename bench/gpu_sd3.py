@@ -9,7 +9,7 @@ accelerate allows one mixed-precision setting per process):
 * ``policy_bf16`` — SD3.5-M transformer (``bench/configs/sd35m_transformer.json``, REFERENCE §1) in bf16 with
   the two LoRA r32 adapters (``trainer.model.add_policy_adapters``), 512² = 64×64 latents, text sequence
   77 CLIP + 128 T5 tokens. Rollout: one prompt's G×K grid (G 4, K 12: 48 samples) through
-  ``trainer.rollout.sample`` (10 DPM-Solver++(2M) steps, noise-aware schedule, batches of 16) → images/s of
+  ``trainer.rollout.denoise`` (10 DPM-Solver++(2M) steps, noise-aware schedule, batches of 16) → images/s of
   the transformer (no VAE decode). Update: ``trainer.update.nft_update`` (θ_old + θ + reference forwards,
   backward, AdamW step, 9 train timesteps per sample) with bf16 autocast → samples/s.
 * ``nft_style_fp16`` — the same update as DiffusionNFT runs it: fp32 weights, fp16 autocast, grad scaler.
@@ -192,11 +192,11 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
     from trainer.rollout import (
         RolloutConfig,
         RolloutPlan,
+        denoise,
         draw_noise,
+        inference_sigmas,
         iterate_chunks,
-        sample,
         sample_conditions,
-        sample_sigmas,
     )
 
     device = _device()
@@ -208,7 +208,7 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
     dtype = model.transformer.dtype
     c_orig = _condition(scale, 1, dtype, device)
     c_opt = _condition(scale, scale.num_conditions - 1, dtype, device)
-    sigmas = sample_sigmas(model, config.num_steps)
+    sigmas = inference_sigmas(model, config.num_steps)
     times: dict[str, float] = {}
 
     def run(steps: torch.Tensor, chunks: int | None) -> None:
@@ -217,7 +217,7 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
                 return
             x1 = noise[plan.prompt_index[indices], plan.noise_index[indices]].to(device)
             orig, opt, perturbed = sample_conditions(indices, plan, c_orig, c_opt)
-            sample(model, x1, orig, opt, perturbed, steps, config, accelerator.autocast)
+            denoise(model, x1, orig, opt, perturbed, steps, config, accelerator.autocast)
 
     use_adapter(model.transformer, OLD)
     try:
@@ -242,12 +242,12 @@ def measure_rollout(scale: Scale, model: Any, accelerator: Any) -> dict[str, Any
 def measure_update(scale: Scale, model: Any, accelerator: Any, mixed_precision: str) -> dict[str, Any]:
     from trainer.model import POLICY, adapter_params
     from trainer.nft import NFTConfig
-    from trainer.rollout import sample_sigmas
+    from trainer.rollout import inference_sigmas
     from trainer.update import Learner, OptimConfig, TrainBatch, nft_update, train_sigmas
 
     optimizer = torch.optim.AdamW(adapter_params(model.transformer, POLICY), lr=3e-4, weight_decay=1e-4)
     prepared, optimizer = accelerator.prepare(model.transformer, optimizer)
-    sigmas = sample_sigmas(model, 10)
+    sigmas = inference_sigmas(model, 10)
     nft = NFTConfig()
     generator = torch.Generator().manual_seed(1)
     tried = []

@@ -28,7 +28,7 @@ from shapes.vocab import BACKGROUND_RGB, CLASSES, COLOR_NAMES, COLORS
 
 
 @dataclass(kw_only=True)
-class DetectorConfig:
+class ShapesDetectorConfig:
     """Thresholds of the classical detector."""
 
     max_color_distance: float = 60.0
@@ -89,8 +89,8 @@ class ShapesDetector:
 
     classes: tuple[str, ...] = CLASSES
 
-    def __init__(self, config: DetectorConfig | None = None) -> None:
-        self.config = config or DetectorConfig()
+    def __init__(self, config: ShapesDetectorConfig | None = None) -> None:
+        self.config = config or ShapesDetectorConfig()
 
     def detect(self, image: np.ndarray) -> Detections:
         """Detections per class (every class is a key) for one (H, W, 3) uint8 image, in raster order."""

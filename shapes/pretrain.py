@@ -139,7 +139,7 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def sample_sigmas(
+def draw_training_sigmas(
     num: int,
     generator: torch.Generator,
     *,
@@ -246,7 +246,7 @@ class Pretrainer:
         images = np.stack([render(self.prompts.records[i], self.scene_rng, self.config.scene) for i in picks])
         x0 = from_uint8(images)
         noise = torch.randn(x0.shape, generator=self.noise_rng)
-        sigmas = sample_sigmas(
+        sigmas = draw_training_sigmas(
             len(picks),
             self.noise_rng,
             t_sampling=config.t_sampling,

@@ -35,7 +35,7 @@ from tests.sd35m_layout import (
 )
 from trainer.config import build_config
 from trainer.model import POLICY, load_adapter_state, load_model, use_adapter
-from trainer.rollout import sample, sample_sigmas
+from trainer.rollout import denoise, inference_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of two red circles", "a photo of a blue square left of a green triangle"]
@@ -103,13 +103,13 @@ def test_anchor_rollout_and_decode_equal_the_pipeline(
     num_steps = 4
     noise = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = model.text.encode(PROMPTS)
-    ours = sample(
+    ours = denoise(
         model,
         noise.clone(),
         cond,
         cond,
         torch.zeros(2, dtype=torch.bool),
-        sample_sigmas(model, num_steps),
+        inference_sigmas(model, num_steps),
         cfg.rollout,
     )
     common = {

@@ -12,7 +12,7 @@ from trainer import sensitivity
 from trainer.config import build_config
 from trainer.model import load_model
 from trainer.perturb import PerturbConfig, perturb_prompts, sample_initial_deltas
-from trainer.rollout import sample_sigmas
+from trainer.rollout import inference_sigmas
 
 
 def test_swap_replaces_exactly_one_encoders_features() -> None:
@@ -75,9 +75,9 @@ def shifted_grid(num_steps: int, shift: float) -> torch.Tensor:
 
 def test_scheduler_shift_replaces_the_priors_grid_in_both_loaders() -> None:
     trainer_model = load_model(build_config("shapes", overrides=["model.scheduler_shift=3.0"]).model, "cpu")
-    torch.testing.assert_close(sample_sigmas(trainer_model, 10).double(), shifted_grid(10, 3.0))
+    torch.testing.assert_close(inference_sigmas(trainer_model, 10).double(), shifted_grid(10, 3.0))
     own = load_model(build_config("shapes").model, "cpu")
-    torch.testing.assert_close(sample_sigmas(own, 10).double(), shifted_grid(10, 1.0))
+    torch.testing.assert_close(inference_sigmas(own, 10).double(), shifted_grid(10, 1.0))
     shapes_model = load_shapes_model(DEFAULT_MODEL, shift=3.0)
     shapes_model.scheduler.set_timesteps(10)
     torch.testing.assert_close(shapes_model.scheduler.sigmas.double(), shifted_grid(10, 3.0))

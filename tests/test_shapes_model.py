@@ -217,10 +217,10 @@ def small_pretrain_config(**overrides) -> pretrain.PretrainConfig:
 
 def test_sigma_sampling_and_schedule():
     generator = torch.Generator().manual_seed(0)
-    sigmas = pretrain.sample_sigmas(20_000, generator, t_sampling="logit_normal", shift=1.0)
+    sigmas = pretrain.draw_training_sigmas(20_000, generator, t_sampling="logit_normal", shift=1.0)
     assert sigmas.min() > 0 and sigmas.max() < 1
     assert abs(sigmas.median().item() - 0.5) < 0.02  # logit-normal(0, 1) is symmetric around 0.5
-    shifted = pretrain.sample_sigmas(20_000, generator, t_sampling="uniform", shift=3.0)
+    shifted = pretrain.draw_training_sigmas(20_000, generator, t_sampling="uniform", shift=3.0)
     assert abs(shifted.median().item() - 0.75) < 0.02  # the shift maps u = 0.5 to 3·0.5 / (1 + 2·0.5)
     config = pretrain.PretrainConfig(steps=100, warmup_steps=10, learning_rate=1.0)
     lrs = [pretrain.learning_rate(s, config) for s in range(100)]
@@ -235,7 +235,7 @@ def test_one_update_reduces_the_loss_on_a_fixed_batch():
     x0 = from_uint8(np.stack([render(r, rng) for r in records]))
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(x0.shape, generator=generator)
-    sigmas = pretrain.sample_sigmas(len(records), generator, t_sampling="logit_normal", shift=1.0)
+    sigmas = pretrain.draw_training_sigmas(len(records), generator, t_sampling="logit_normal", shift=1.0)
     ids = trainer.model.tokenize([r["prompt"] for r in records])
 
     def loss() -> torch.Tensor:

@@ -16,7 +16,7 @@ from PIL import Image
 from services.geneval.rules import relative_position
 from shapes import prompts
 from shapes.components import label_components
-from shapes.detector import DetectorConfig, ShapeDetection, ShapesDetector
+from shapes.detector import ShapeDetection, ShapesDetector, ShapesDetectorConfig
 from shapes.raster import SceneObject, draw_scene, shape_mask
 from shapes.relations import relation_components
 from shapes.render import main as render_main
@@ -249,7 +249,7 @@ def test_detector_rejects_elongated_blobs_and_bad_input():
     with pytest.raises(ValueError):
         ShapesDetector().detect(image.astype(np.float32))
     with pytest.raises(ValueError):
-        DetectorConfig(max_color_distance=0)
+        ShapesDetectorConfig(max_color_distance=0)
 
 
 def _bfs_components(classes: np.ndarray) -> int:

@@ -24,7 +24,7 @@ from tests.tiny_sd3 import tiny_model
 from trainer import loop
 from trainer.model import OLD, POLICY, adapter_named_params, adapter_state, load_adapter_state, use_adapter
 from trainer.nft import NFTConfig
-from trainer.rollout import sample, sample_sigmas
+from trainer.rollout import denoise, inference_sigmas
 from trainer.text import Conditioning
 from trainer.update import Learner, OptimConfig, TrainBatch, nft_update, train_sigmas
 
@@ -39,7 +39,7 @@ class Spy:
     c_opt: list[Conditioning] = field(default_factory=list)
     rollouts: list[Any] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
-    """Per rollout chunk: the active adapters, the sample() arguments, θ and θ_old then, and the output."""
+    """Per rollout chunk: the active adapters, the denoise() arguments, θ and θ_old then, and the output."""
     batches: list[TrainBatch] = field(default_factory=list)
 
 
@@ -62,8 +62,8 @@ def spied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **rollout: Any) -
         spy.rollouts.append(out)
         return out
 
-    def spied_sample(model, *args, **kwargs):
-        x0 = sample(model, *args, **kwargs)
+    def spied_denoise(model, *args, **kwargs):
+        x0 = denoise(model, *args, **kwargs)
         spy.samples.append(
             {
                 "active": tuple(model.transformer.active_adapters()),
@@ -81,7 +81,7 @@ def spied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **rollout: Any) -
 
     monkeypatch.setattr(loop.Trainer, "perturb", perturb)
     monkeypatch.setattr(loop.Trainer, "rollout", spied_rollout)
-    monkeypatch.setattr(loop, "sample", spied_sample)
+    monkeypatch.setattr(loop, "denoise", spied_denoise)
     monkeypatch.setattr(loop, "nft_update", spied_update)
     cfg = tiny_config(tmp_path, K=K, G=G, iterations=2)
     for name, value in rollout.items():
@@ -123,7 +123,7 @@ def test_update_conditions_on_c_orig_and_rollouts_use_the_old_policy(tmp_path, m
     for state, same in ((first["theta_old"], True), (first["theta"], False)):
         load_adapter_state(model.transformer, OLD, state)
         use_adapter(model.transformer, OLD)
-        again = sample(model, *first["args"])
+        again = denoise(model, *first["args"])
         use_adapter(model.transformer, POLICY)
         assert torch.equal(again, first["x0"]) == same
 
@@ -170,7 +170,7 @@ def test_nft_update_is_the_hand_computed_loss_and_one_sgd_step() -> None:
     optimizer = torch.optim.SGD(adapter_named_params(transformer, POLICY).values(), lr=lr)
     data = torch.Generator().manual_seed(1)
     cond = model.text.encode(["a red circle", "two blue squares"] * 3)
-    sigmas = sample_sigmas(model, 4)
+    sigmas = inference_sigmas(model, 4)
     batch = TrainBatch(
         x0=torch.randn(n, *model.sample_shape, generator=data),
         condition=cond,

@@ -45,7 +45,7 @@ from trainer.model import (
 from trainer.policy import EMA
 from trainer.prompts import Record, load_records, reward_metadata
 from trainer.rewards import RewardSet, RewardSpec, RewardUnavailable
-from trainer.rollout import RolloutConfig, sample, sample_sigmas
+from trainer.rollout import RolloutConfig, denoise, inference_sigmas
 
 TAG_INDICATOR = "geneval/tag/"
 """Prefix of the GenEval service's one-hot tag outputs (grouping indicators, not scores)."""
@@ -65,7 +65,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     expanded = list(records)
     noise = torch.randn((len(expanded), *model.sample_shape), generator=generator)
-    sigmas = sample_sigmas(model, steps)
+    sigmas = inference_sigmas(model, steps)
     config = RolloutConfig(num_steps=steps, sampler=sampler)
     device = model.transformer.device
     images = []
@@ -73,7 +73,7 @@ def generate(
         chunk = expanded[start : start + batch_size]
         cond = model.text.encode([r["prompt"] for r in chunk])
         unperturbed = torch.zeros(len(chunk), dtype=torch.bool)
-        x0 = sample(
+        x0 = denoise(
             model, noise[start : start + len(chunk)].to(device), cond, cond, unperturbed, sigmas, config
         )
         images.append((model.decode(x0) * 255).round().to(torch.uint8).cpu())

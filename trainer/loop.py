@@ -41,12 +41,12 @@ from trainer.prompts import PromptStream, Record, load_records, reward_metadata,
 from trainer.rewards import RewardSet
 from trainer.rollout import (
     RolloutPlan,
+    denoise,
     draw_noise,
+    inference_sigmas,
     iterate_chunks,
     num_variants,
-    sample,
     sample_conditions,
-    sample_sigmas,
 )
 from trainer.seeding import keyed_generator
 from trainer.text import Conditioning
@@ -365,14 +365,14 @@ class Trainer:
         device = self.accelerator.device
         plan = RolloutPlan.build(len(records), cfg)
         noise = draw_noise(cfg, model.sample_shape, [self.draws("noise", p) for p in positions])
-        sigmas = sample_sigmas(model, cfg.num_steps)
+        sigmas = inference_sigmas(model, cfg.num_steps)
         x0_parts = []
         with self.policy.adapter(OLD):
             for indices in iterate_chunks(plan, cfg.batch_size):
                 x1 = noise[plan.prompt_index[indices], plan.noise_index[indices]].to(device)
                 orig, opt, perturbed = sample_conditions(indices, plan, c_orig, c_opt)
                 x0 = await asyncio.to_thread(
-                    sample, model, x1, orig, opt, perturbed, sigmas, cfg, self.accelerator.autocast
+                    denoise, model, x1, orig, opt, perturbed, sigmas, cfg, self.accelerator.autocast
                 )
                 images = (model.decode(x0) * 255).round().to(torch.uint8).cpu()
                 chunk_records = [records[int(p)] for p in plan.prompt_index[indices]]

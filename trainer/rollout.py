@@ -91,14 +91,14 @@ def draw_noise(
     return torch.stack([torch.randn((config.num_noises, *shape), generator=g) for g in generators])
 
 
-def sample_sigmas(model: FlowModel, num_steps: int) -> torch.Tensor:
+def inference_sigmas(model: FlowModel, num_steps: int) -> torch.Tensor:
     """The scheduler's own shifted sigma grid (num_steps + 1 values, 1 → 0)."""
     model.scheduler.set_timesteps(num_steps)
     return model.scheduler.sigmas.detach().float().cpu().clone()
 
 
 @torch.no_grad()
-def sample(
+def denoise(
     model: FlowModel,
     x1: torch.Tensor,
     c_orig: Conditioning,

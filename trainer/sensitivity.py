@@ -45,7 +45,7 @@ from trainer.perturb import (
     perturb_prompts,
     sample_initial_deltas,
 )
-from trainer.rollout import sample, sample_sigmas
+from trainer.rollout import denoise, inference_sigmas
 from trainer.sampler import perturbation_weight
 from trainer.text import Conditioning
 
@@ -106,13 +106,13 @@ def measure(model_dir: Path, num_prompts: int, seed: int, overrides: Sequence[st
         prompts[(i + 1 + int(rng.integers(len(prompts) - 1))) % len(prompts)] for i in range(len(prompts))
     ]
     noises = torch.randn(2, len(prompts), *model.sample_shape, generator=torch.Generator().manual_seed(seed))
-    sigmas = sample_sigmas(model, rollout.num_steps)
+    sigmas = inference_sigmas(model, rollout.num_steps)
     none = torch.zeros(len(prompts), dtype=torch.bool)
     everyone = torch.ones(len(prompts), dtype=torch.bool)
 
     def run(cond: Conditioning, noise: torch.Tensor, opt: Conditioning | None = None) -> np.ndarray:
         perturbed = none if opt is None else everyone
-        return to_images(model, sample(model, noise, cond, opt or cond, perturbed, sigmas, rollout))
+        return to_images(model, denoise(model, noise, cond, opt or cond, perturbed, sigmas, rollout))
 
     def rewards(images: np.ndarray) -> np.ndarray:
         """The training reward (GenEval's partial credit, what the shapes preset's service returns)."""
