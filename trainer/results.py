@@ -255,6 +255,14 @@ def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
     plt.close(fig)
 
 
+def training_set(data: dict[str, Any]) -> str:
+    """What a run trained on, in words: its named prompts, else its tags."""
+    prompts = data.get("train_prompts") or []
+    if prompts:
+        return f"training prompts {', '.join(repr(p) for p in prompts)}"
+    return f"training tags {', '.join(data.get('train_tags') or ['all'])}"
+
+
 def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
     arms = (*study.arms, *study.extra_arms)
     loaded = {arm.name: load_runs(results, study.name, arm) for arm in arms}
@@ -275,9 +283,11 @@ def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
         f"- Code: commit `{frozen['commit'][:10]}`{dirty}, "
         f"preset `{study.preset}`, {config['run']['iterations']} iterations × "
         f"{config['data']['num_prompts']} prompts, "
-        f"training tags {', '.join(config['data'].get('train_tags') or ['all'])}; "
+        f"{training_set(config['data'])}; "
         f"{config['rollout']['num_steps']}-step {config['rollout']['sampler']} rollouts, "
-        f"LoRA r {model['lora_rank']}, lr {config['optim']['lr']}, NFT β {config['nft']['nft_beta']}; "
+        f"LoRA r {model['lora_rank']}, lr {config['optim']['lr']} × "
+        f"{config['optim'].get('optimizer_steps_per_iteration', 1)} steps an iteration, "
+        f"NFT β {config['nft']['nft_beta']}; "
         f"σ-grid shift {model.get('scheduler_shift') or 'of the prior'}; perturbation max-norm "
         f"{perturb['max_norm']} ({perturb['max_norm_mode']}), T_emb {perturb['num_steps']}, "
         f"μ {perturb['anchor_mu']}, λ_div {perturb['lambda_div']}.",
