@@ -74,10 +74,14 @@ class RankSamples:
     keys: list[str]
     """Group key (prompt) of each of this rank's samples."""
     rewards: np.ndarray
+    """(n,) R = Σ w·R_k per sample."""
     outputs: dict[str, np.ndarray]
+    """Every output of every reward service, (n,) each."""
     noise_index: list[int]
     condition_index: list[int]
+    """Which noise j and condition k (−1 = C_orig) generated each sample."""
     perturb_stats: dict[str, float]
+    """This rank's PerturbResult.stats() ({} for K = 1), combined over ranks for the log."""
 
 
 @dataclass
