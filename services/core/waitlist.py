@@ -14,7 +14,10 @@ it up) or one call of the client, named by the ticket its refusal carried. A sha
 client with several calls in flight: each admitted call sends its siblings to the back of the line (16
 clients with 3 calls each, idle 2-core machine: one request needed 52-102 tries; 48 clients with one
 call each: 3). A call keeps its place while a refusal for its own client's full queue makes it wait
-(:meth:`Waitlist.keep`), since that is its siblings' work, not a lapse.
+(:meth:`Waitlist.keep`), since that is its siblings' work, not a lapse. Only a named place is kept: a
+shared place goes to whichever of the client's calls is admitted first, so keeping it on behalf of the
+call that met the full client queue would hand it to a sibling instead (a client without tickets then
+waits like a new caller, as before places existed).
 
 The places together hold at most ``capacity`` images; a refusal past that takes no place. The bound
 must exceed what every call refused at once asks for: with a line of one 48-image queue, 16 clients
