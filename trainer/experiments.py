@@ -123,7 +123,8 @@ def reproduce(study: Study, plan: list[tuple[Arm, int]], out: Path, results: Pat
     """Train, evaluate and collect every run of ``plan`` not yet collected, ``jobs`` runs at a time.
 
     With ``jobs`` > 1 each run gets cpu_count // jobs threads: the shapes model is too small to use many
-    cores in one process, so two 1-thread runs on two cores finish ~2× sooner than one after another.
+    cores in one process: on 2 cores, two 1-thread runs side by side finish ~1.8× sooner than one
+    2-thread run after another (docs/results.md, Cost).
     Children are started from this (main) thread, so each dies with the study (``trainer.children``).
     """
     record_code(results, study)
