@@ -49,6 +49,10 @@ def _scorer_options(p: argparse.ArgumentParser, argv: list[str]) -> tuple[str | 
     return name, recorder.dests
 
 
+SERVER_FLAG_SKIP = frozenset({"malloc_trim_threshold_bytes"})
+"""ServerConfig fields whose flag is written by hand: the glibc threshold is given in MB."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every server flag; a scorer's own options are added by :func:`parse_args`."""
     p = argparse.ArgumentParser(
@@ -57,8 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Scorer-specific options: python -m services.serve SCORER --help",
     )
     p.add_argument("scorer", choices=sorted(SCORERS))
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--tiny", action="store_true", help="tiny model built offline from a config (tests, demo)")
     p.add_argument("--checkpoint", help="hub id or local path of the real weights")
     p.add_argument("--device", default="cpu")
@@ -68,18 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
     d_srv = ServerConfig()
+    add_flags(p.add_argument_group("server"), ServerConfig, skip=SERVER_FLAG_SKIP)
     add_flags(p.add_argument_group("batching and queues"), BatcherConfig)
     requests = p.add_argument_group("request and image limits")
     add_flags(requests, RequestLimits)
     add_flags(requests, ImageLimits)
-    p.add_argument(
-        "--max-decoded-pixels",
-        type=int,
-        default=d_srv.max_decoded_pixels,
-        help="decoded pixels held at once over all requests (the memory bound, ~3 bytes each)",
-    )
     p.add_argument(
         "--quota-images-per-s",
         type=float,
@@ -92,15 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of quota a client may use at once after idling",
     )
     add_flags(p.add_argument_group("what a caller may hold open"), IntakeLimits)
-    p.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=d_srv.max_concurrent_rpcs,
-        help="RPCs in progress at once over all clients; more are refused",
-    )
-    p.add_argument("--drain-delay-s", type=float, default=0.0)
-    p.add_argument("--drain-grace-s", type=float, default=30.0)
-    p.add_argument("--max-connection-age-s", type=float)
     p.add_argument(
         "--malloc-trim-threshold-mb",
         type=int,
@@ -131,20 +118,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tls = None
     if args.tls_cert is not None:
         tls = TLSConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
+    return from_flags(
+        args,
+        ServerConfig,
+        skip=SERVER_FLAG_SKIP,
         batcher=from_flags(args, BatcherConfig),
         limits=from_flags(args, RequestLimits, image=from_flags(args, ImageLimits)),
-        max_decoded_pixels=args.max_decoded_pixels,
         intake=from_flags(args, IntakeLimits),
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
         quota=QuotaConfig(images_per_s=args.quota_images_per_s, burst_s=args.quota_burst_s),
         token_file=args.token_file,
         tls=tls,
-        metrics_port=args.metrics_port,
-        drain_delay_s=args.drain_delay_s,
-        drain_grace_s=args.drain_grace_s,
-        max_connection_age_s=args.max_connection_age_s,
         malloc_trim_threshold_bytes=args.malloc_trim_threshold_mb * 2**20 or None,
     )
