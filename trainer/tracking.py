@@ -25,9 +25,10 @@ class RunLog:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "rewards.jsonl"
-        if resume_iteration is not None:
-            for path in (self.metrics_path, self.samples_path):
-                _truncate_after(path, resume_iteration)
+        # A resumed run drops what it will redo; a run starting from iteration 0 in a directory where an
+        # earlier attempt was stopped before its first checkpoint drops that attempt's rows.
+        for path in (self.metrics_path, self.samples_path):
+            _truncate_after(path, resume_iteration or 0)
         self.history = _read(self.metrics_path)
         self._tb = None
         if tensorboard:
