@@ -109,8 +109,12 @@ class Groups:
     rank: int
     all_keys: list[str]
     all_rewards: np.ndarray
-    start: int
     r_all: torch.Tensor
+
+    @property
+    def start(self) -> int:
+        """Where this rank's samples start among every rank's."""
+        return sum(len(part.keys) for part in self.ranks[: self.rank])
 
     @property
     def r(self) -> torch.Tensor:
@@ -258,14 +262,12 @@ class Trainer:
         all_keys = [k for part in ranks for k in part.keys]
         all_rewards = np.concatenate([part.rewards for part in ranks])
         advantages = group_advantages(all_rewards, all_keys, std_mode=self.config.nft.std_mode)
-        start = sum(len(part.keys) for part in ranks[: self.accelerator.process_index])
         r_all = optimality_probability(advantages, adv_clip=self.config.nft.adv_clip).float()
         return Groups(
             ranks=ranks,
             rank=self.accelerator.process_index,
             all_keys=all_keys,
             all_rewards=all_rewards,
-            start=start,
             r_all=r_all,
         )
 

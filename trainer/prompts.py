@@ -88,10 +88,11 @@ def with_prompts(records: Sequence[Record], prompts: Sequence[str]) -> list[Reco
     """The records whose prompt is one of ``prompts`` (all of them when ``prompts`` is empty)."""
     if not prompts:
         return list(records)
-    missing = sorted(set(prompts) - {r["prompt"] for r in records})
+    wanted = set(prompts)
+    missing = sorted(wanted - {r["prompt"] for r in records})
     if missing:
         raise ValueError(f"data.train_prompts names prompts no training record has: {missing}")
-    return [r for r in records if r["prompt"] in set(prompts)]
+    return [r for r in records if r["prompt"] in wanted]
 
 
 class PromptStream:
