@@ -61,7 +61,12 @@ def test_arm_names_are_unique_within_each_study():
     for study in STUDIES.values():
         names = [a.name for a in (*study.arms, *study.extra_arms)]
         assert len(names) == len(set(names))
-        assert {n for pair in study.comparisons for n in pair} <= set(names)
+        known = set(names)
+        if study.pairs_with is not None:
+            paired = STUDIES[study.pairs_with]
+            assert (paired.preset, paired.iterations) == (study.preset, study.iterations)
+            known |= {a.name for a in (*paired.arms, *paired.extra_arms)}
+        assert {n for pair in study.comparisons for n in pair} <= known
 
 
 def write_run(folder: Path, seed: int, overall: float, zero_std: list[float], ties: float | None) -> None:
