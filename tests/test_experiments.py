@@ -14,7 +14,7 @@ import pytest
 from trainer import experiments
 from trainer import run as trainer_run
 from trainer.results import write_report
-from trainer.studies import STUDIES, TABLE1, Study
+from trainer.studies import STUDIES, TABLE1, TABLE1_NORM, Study
 
 
 def resolved(study: Study, arm_name: str, seed: int, tmp_path: Path):
@@ -119,6 +119,31 @@ def test_report_is_built_from_the_results_folder_alone(tmp_path: Path):
     )
     assert "| DiffusionNFT (G=4, K=1): same noises | 3 |" in text
     assert "3 of 3 | 1 (median)" in text  # nft-g4: zero-std 0.5 ≥ 0.3 from its first iteration on
+
+
+def test_a_paired_study_is_compared_with_the_collected_runs_of_the_study_it_pairs_with(tmp_path: Path):
+    results = tmp_path / "results"
+    for name, commit in (("table1", "aaaaaaaaaaaa"), ("table1-norm", "bbbbbbbbbbbb")):
+        (results / name).mkdir(parents=True)
+        (results / name / "study.json").write_text(json.dumps({"commit": commit, "dirty": False}))
+    for seed in range(4):
+        write_run(results / "table1" / "nft-g4" / f"seed-{seed}", seed, 0.20, [0.5] * 6, None)
+        write_run(results / "table1" / "e2po-g4k4" / f"seed-{seed}", seed, 0.21 + 0.01 * seed, [0.4] * 6, 0.9)
+        write_run(results / "table1" / "nft-g16" / f"seed-{seed}", seed, 0.90, [0.0] * 6, None)
+    for seed in (1, 2, 5):  # seed 5 has no partner: it counts for the arm's own row, not for a difference
+        write_run(results / "table1-norm" / "e2po-g4k4-norm0.5" / f"seed-{seed}", seed, 0.26, [0.1] * 6, 0.6)
+    doc = tmp_path / "results-table1-norm.md"
+    write_report(TABLE1_NORM, results, doc, tmp_path / "img", paired=TABLE1)
+    text = doc.read_text()
+    assert "commit `bbbbbbbbbb`" in text and "study `table1` (results/table1/, commit `aaaaaaaaaa`)" in text
+    # seeds 1 and 2: 0.26 − 0.20 = +0.06 against nft-g4; 0.26 − 0.22 and 0.26 − 0.23 against e2po-g4k4
+    overall = "| held-out GenEval overall | +0.060 [+0.060, +0.060] (n=2) | +0.035 [+0.030, +0.040] (n=2) |"
+    assert overall in text
+    assert "| E2PO (G=4, K=4), max-norm 0.5 (relative) | 3 |" in text
+    assert "| DiffusionNFT (G=4, K=1): same noises | 4 |" in text
+    assert "G=16" not in text  # not named by a comparison: not shown
+    with pytest.raises(ValueError, match="pairs with 'table1'"):
+        write_report(TABLE1_NORM, results, doc, tmp_path / "img")
 
 
 class FakeService:

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="docs/results.md and its plots from the committed results")
     report.add_argument("--study", choices=sorted(STUDIES), default="table1")
     report.add_argument("--results", type=Path, default=RESULTS)
-    report.add_argument("--doc", type=Path, default=Path("docs/results.md"))
+    report.add_argument("--doc", type=Path, help="the page to regenerate (default: the study's own)")
     report.add_argument("--img", type=Path, default=Path("docs/img"))
     args = p.parse_args(argv)
     study = STUDIES[args.study]
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.results import write_report
 
-    write_report(study, args.results, args.doc, args.img)
+    paired = STUDIES[study.pairs_with] if study.pairs_with else None
+    write_report(study, args.results, args.doc or Path(study.doc), args.img, paired)
     return 0
 
 

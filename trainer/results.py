@@ -263,17 +263,45 @@ def training_set(data: dict[str, Any]) -> str:
     return f"training tags {', '.join(data.get('train_tags') or ['all'])}"
 
 
-def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
-    arms = (*study.arms, *study.extra_arms)
-    loaded = {arm.name: load_runs(results, study.name, arm) for arm in arms}
-    groups = {arm.name: (arm.label, runs) for arm in arms if (runs := loaded[arm.name])}
-    if not groups:
+def shown_arms(study: Study, paired: Study | None = None) -> list[tuple[str, Arm]]:
+    """(study name, arm) of every arm a report shows: the study's own, then those of the study it pairs
+    with (``Study.pairs_with``) that its comparisons name."""
+    own = [(study.name, arm) for arm in (*study.arms, *study.extra_arms)]
+    if paired is None:
+        return own
+    named = {name for pair in study.comparisons for name in pair}
+    return own + [(paired.name, arm) for arm in (*paired.arms, *paired.extra_arms) if arm.name in named]
+
+
+def paired_line(study: Study, paired: Study, results: Path) -> str:
+    frozen = json.loads((results / paired.name / "study.json").read_text())
+    names = [arm.name for name, arm in shown_arms(study, paired) if name == paired.name]
+    own = "; ".join(f"{arm.name}: {', '.join(arm.overrides) or 'the preset'}" for arm in study.arms)
+    return (
+        f"- Compared with {', '.join(names)} of study `{paired.name}` (results/{paired.name}/, commit "
+        f"`{frozen['commit'][:10]}`{' with uncommitted changes' if frozen['dirty'] else ''}), paired by "
+        f"seed; this study's arms differ from the preset in: {own}."
+    )
+
+
+def write_report(study: Study, results: Path, doc: Path, img: Path, paired: Study | None = None) -> None:
+    """Regenerate ``doc`` below its marker, and the curves plot, from ``results`` alone. ``paired`` is the
+    study named by ``study.pairs_with``, whose collected runs the comparisons may use."""
+    given = paired.name if paired else None
+    if given != study.pairs_with:
+        raise ValueError(f"study {study.name} pairs with {study.pairs_with!r}, got {given!r}")
+    arms = shown_arms(study, paired)
+    loaded = {arm.name: load_runs(results, name, arm) for name, arm in arms}
+    groups = {arm.name: (arm.label, runs) for _, arm in arms if (runs := loaded[arm.name])}
+    if not any(loaded[arm.name] for arm in (*study.arms, *study.extra_arms)):
         raise SystemExit(f"no collected runs under {results / study.name}")
     frozen = json.loads((results / study.name / "study.json").read_text())
     plot = img / f"results_{study.name}_curves.png"
     plot_curves(groups, plot)
     config = next(iter(groups.values()))[1][0]["config"]
-    total_train = sum(r["train_seconds"] for runs in loaded.values() for r in runs)
+    total_train = sum(
+        r["train_seconds"] for name, arm in arms if name == study.name for r in loaded[arm.name]
+    )
     perturb, model = config["perturb"], config["model"]
     dirty = " (with uncommitted changes)" if frozen["dirty"] else ""
     sections = [
@@ -291,10 +319,11 @@ def write_report(study: Study, results: Path, doc: Path, img: Path) -> None:
         f"σ-grid shift {model.get('scheduler_shift') or 'of the prior'}; perturbation max-norm "
         f"{perturb['max_norm']} ({perturb['max_norm_mode']}), T_emb {perturb['num_steps']}, "
         f"μ {perturb['anchor_mu']}, λ_div {perturb['lambda_div']}.",
+        *([paired_line(study, paired, results)] if paired else []),
         f"- Machine: {frozen.get('machine', '?')}, {frozen.get('cpus', '?')} CPU cores, no GPU; "
         f"{total_train / 3600:.1f} h of "
-        "training iterations over all runs (each run's metrics.jsonl; loading and the held-out evaluation, "
-        "several minutes a run on 2 cores, are not counted).",
+        "training iterations over the study's runs (each run's metrics.jsonl; loading and the held-out "
+        "evaluation, several minutes a run on 2 cores, are not counted).",
         "- Held-out evaluation: EMA weights, 40-step ODE, GenEval-shapes correctness per tag on every test "
         "prompt; diversity over each prompt's samples (pixel RMS distance; layout: 1 − matched box IoU).",
         "- Intervals: 95 % percentile bootstrap of the mean paired (same-seed) difference, "

@@ -38,6 +38,8 @@ class Study:
     pairs_with: str | None = None
     """Another study run from the same preset, iterations and code, whose seeds pair with this one's:
     ``comparisons`` may name its arms, so a follow-up arm is compared with the arms already collected."""
+    doc: str = "docs/results.md"
+    """The page ``report`` regenerates below its marker."""
 
     def plan(self, seeds: int | None = None, extra_seeds: int | None = None) -> list[tuple[Arm, int]]:
         """(arm, seed) runs in order: seed-major, so an interrupted study holds whole seeds of every arm
@@ -90,6 +92,7 @@ TABLE1_NORM = Study(
     ),
     seeds=8,
     pairs_with="table1",
+    doc="docs/results-table1-norm.md",
     comparisons=(("e2po-g4k4-norm0.5", "nft-g4"), ("e2po-g4k4-norm0.5", "e2po-g4k4")),
 )
 
