@@ -13,7 +13,7 @@ import pytest
 
 from trainer import experiments
 from trainer import run as trainer_run
-from trainer.results import write_report
+from trainer.results import CURVES, curves_figure, load_runs, write_report
 from trainer.studies import STUDIES, TABLE1, TABLE1_NORM, Study
 
 
@@ -144,6 +144,20 @@ def test_a_paired_study_is_compared_with_the_collected_runs_of_the_study_it_pair
     assert "G=16" not in text  # not named by a comparison: not shown
     with pytest.raises(ValueError, match="pairs with 'table1'"):
         write_report(TABLE1_NORM, results, doc, tmp_path / "img")
+
+
+def test_an_arm_keeps_its_colour_in_panels_where_the_arms_before_it_have_no_curve(tmp_path: Path):
+    for arm, ties in (("nft-g4", None), ("e2po-g4k4", 0.9)):
+        write_run(tmp_path / arm / "seed-0", 0, 0.2, [0.1] * 4, ties)
+    groups = {arm.name: (arm.label, load_runs(tmp_path.parent, tmp_path.name, arm)) for arm in TABLE1.arms}
+    groups = {name: group for name, group in groups.items() if group[1]}
+    fig = curves_figure(groups)
+    zero_std, ties = fig.axes[0], fig.axes[[key for key, _ in CURVES].index("ties")]
+    labelled = [line for line in zero_std.get_lines() if "(n=" in line.get_label()]
+    colour = {line.get_label(): line.get_color() for line in labelled}
+    assert len(colour) == 2 and len(set(colour.values())) == 2
+    (e2po_ties,) = ties.get_lines()
+    assert e2po_ties.get_label().startswith("E2PO") and e2po_ties.get_color() == colour[e2po_ties.get_label()]
 
 
 class FakeService:

@@ -223,15 +223,18 @@ def differences_table(study: Study, loaded: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
+def curves_figure(groups: dict[str, tuple[str, list[Run]]]):
+    """One panel per curve, mean ± sd over seeds; an arm keeps its colour in every panel, also in those
+    where arms before it have no such curve (DiffusionNFT has no ties across K)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.6 * len(CURVES), 3.6))
     for ax, (key, title) in zip(axes, CURVES, strict=True):
-        for label, runs in groups.values():
+        for index, (label, runs) in enumerate(groups.values()):
             length = min(len(r["metrics"]) for r in runs)
             xs = np.array([row["iteration"] for row in runs[0]["metrics"][:length]])
             ys = np.array(
@@ -239,10 +242,11 @@ def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
             )
             if np.all(np.isnan(ys)):
                 continue
+            colour = colours[index % len(colours)]
             mean, sd = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)
-            (line,) = ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
+            ax.plot(xs, mean, label=f"{label} (n={len(runs)})", color=colour)
             if len(runs) > 1:
-                ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2, color=line.get_color())
+                ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2, color=colour)
         if key == "zero_std_ratio":
             ax.axhline(COLLAPSE_THRESHOLD, color="grey", lw=0.8, ls="--")
         ax.set_title(title, fontsize=9)
@@ -250,6 +254,13 @@ def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(groups: dict[str, tuple[str, list[Run]]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(groups)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
