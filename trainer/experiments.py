@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--iterations", type=int, help="per run (default: the study's)")
     rep.add_argument("--arm", action="append", default=[], help="run only these arms (by name)")
     rep.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the CPUs (default 1)")
-    report = sub.add_parser("report", help="docs/results.md and its plots from the committed results")
+    report = sub.add_parser("report", help="a study's results page and its plot from the committed results")
     report.add_argument("--study", choices=sorted(STUDIES), default="table1")
     report.add_argument("--results", type=Path, default=RESULTS)
     report.add_argument("--doc", type=Path, help="the page to regenerate (default: the study's own)")
