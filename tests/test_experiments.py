@@ -59,13 +59,13 @@ def test_plan_is_seed_major_main_arms_first():
 
 def test_arm_names_are_unique_within_each_study():
     for study in STUDIES.values():
-        names = [a.name for a in (*study.arms, *study.extra_arms)]
+        names = [a.name for a in study.every_arm]
         assert len(names) == len(set(names))
         known = set(names)
         if study.pairs_with is not None:
             paired = STUDIES[study.pairs_with]
             assert (paired.preset, paired.iterations) == (study.preset, study.iterations)
-            known |= {a.name for a in (*paired.arms, *paired.extra_arms)}
+            known |= {a.name for a in paired.every_arm}
         assert {n for pair in study.comparisons for n in pair} <= known
 
 

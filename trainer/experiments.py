@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             study = Study(**{**study.__dict__, "iterations": args.iterations})
         plan = study.plan(args.seeds, args.extra_seeds)
         if args.arm:
-            unknown = set(args.arm) - {arm.name for arm in (*study.arms, *study.extra_arms)}
+            unknown = set(args.arm) - {arm.name for arm in study.every_arm}
             if unknown:
                 p.error(f"no arm {sorted(unknown)} in study {study.name}")
             plan = [(arm, seed) for arm, seed in plan if arm.name in args.arm]

@@ -277,16 +277,16 @@ def training_set(data: dict[str, Any]) -> str:
 def shown_arms(study: Study, paired: Study | None = None) -> list[tuple[str, Arm]]:
     """(study name, arm) of every arm a report shows: the study's own, then those of the study it pairs
     with (``Study.pairs_with``) that its comparisons name."""
-    own = [(study.name, arm) for arm in (*study.arms, *study.extra_arms)]
+    own = [(study.name, arm) for arm in study.every_arm]
     if paired is None:
         return own
     named = {name for pair in study.comparisons for name in pair}
-    return own + [(paired.name, arm) for arm in (*paired.arms, *paired.extra_arms) if arm.name in named]
+    return own + [(paired.name, arm) for arm in paired.every_arm if arm.name in named]
 
 
-def paired_line(study: Study, paired: Study, results: Path) -> str:
+def paired_line(study: Study, paired: Study, names: list[str], results: Path) -> str:
+    """The setup line naming the paired study's arms (``names``) shown beside the study's own."""
     frozen = json.loads((results / paired.name / "study.json").read_text())
-    names = [arm.name for name, arm in shown_arms(study, paired) if name == paired.name]
     own = "; ".join(f"{arm.name}: {', '.join(arm.overrides) or 'the preset'}" for arm in study.arms)
     return (
         f"- Compared with {', '.join(names)} of study `{paired.name}` (results/{paired.name}/, commit "
@@ -304,15 +304,17 @@ def write_report(study: Study, results: Path, doc: Path, img: Path, paired: Stud
     arms = shown_arms(study, paired)
     loaded = {arm.name: load_runs(results, name, arm) for name, arm in arms}
     groups = {arm.name: (arm.label, runs) for _, arm in arms if (runs := loaded[arm.name])}
-    if not any(loaded[arm.name] for arm in (*study.arms, *study.extra_arms)):
+    own = [r for arm in study.every_arm for r in loaded[arm.name]]
+    if not own:
         raise SystemExit(f"no collected runs under {results / study.name}")
     frozen = json.loads((results / study.name / "study.json").read_text())
     plot = img / f"results_{study.name}_curves.png"
     plot_curves(groups, plot)
     config = next(iter(groups.values()))[1][0]["config"]
-    total_train = sum(
-        r["train_seconds"] for name, arm in arms if name == study.name for r in loaded[arm.name]
-    )
+    total_train = sum(r["train_seconds"] for r in own)
+    pairing = []
+    if paired is not None:
+        pairing.append(paired_line(study, paired, [a.name for n, a in arms if n == paired.name], results))
     perturb, model = config["perturb"], config["model"]
     dirty = " (with uncommitted changes)" if frozen["dirty"] else ""
     sections = [
@@ -330,7 +332,7 @@ def write_report(study: Study, results: Path, doc: Path, img: Path, paired: Stud
         f"σ-grid shift {model.get('scheduler_shift') or 'of the prior'}; perturbation max-norm "
         f"{perturb['max_norm']} ({perturb['max_norm_mode']}), T_emb {perturb['num_steps']}, "
         f"μ {perturb['anchor_mu']}, λ_div {perturb['lambda_div']}.",
-        *([paired_line(study, paired, results)] if paired else []),
+        *pairing,
         f"- Machine: {frozen.get('machine', '?')}, {frozen.get('cpus', '?')} CPU cores, no GPU; "
         f"{total_train / 3600:.1f} h of "
         "training iterations over the study's runs (each run's metrics.jsonl; loading and the held-out "

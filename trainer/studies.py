@@ -50,8 +50,13 @@ class Study:
             (arm, s) for s in extra for arm in self.extra_arms
         ]
 
+    @property
+    def every_arm(self) -> tuple[Arm, ...]:
+        """The main arms, then the extra ones."""
+        return (*self.arms, *self.extra_arms)
+
     def arm(self, name: str) -> Arm:
-        return next(a for a in (*self.arms, *self.extra_arms) if a.name == name)
+        return next(a for a in self.every_arm if a.name == name)
 
 
 E2PO_G4K4 = Arm("e2po-g4k4", "E2PO (G=4, K=4)")
