@@ -63,8 +63,14 @@ async def train(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 300)
-    assert proc.returncode == 0, out.decode()[-4000:]
+    assert proc.returncode == 0, failure(out.decode())
     return out.decode()
+
+
+def failure(output: str) -> str:
+    """The first traceback (the rank that failed first; the others only lose their peer) and the end."""
+    first = max(output.find("Traceback"), 0)
+    return f"{output[first : first + 6000]}\n[...]\n{output[-1500:]}"
 
 
 def adapters(run_dir: Path, iteration: int) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from services.inprocess import InProcessRewardClient
 from tests.conftest import MeanPixelScorer
@@ -103,3 +104,32 @@ def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
     assert metrics("straight") == metrics("split")
+
+
+class SecondRank(Accelerator):
+    """A rank other than the main one, in a single process: what each rank of a launch sees of itself."""
+
+    @property
+    def is_main_process(self) -> bool:
+        return False
+
+
+def test_only_the_main_rank_rewrites_the_logs_on_resume(tmp_path: Path) -> None:
+    """Every rank builds a Trainer on resume; if more than one rewrote metrics.jsonl they would race
+    (the 2-process launch failed that way). Only the main rank drops the rows after the checkpoint."""
+    run = tmp_path / "run"
+    asyncio.run(run_training(tiny_config(tmp_path, iterations=2), run))
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as f:  # a row of an iteration the stopped run did not checkpoint
+        f.write(json.dumps({"iteration": 3, "reward_mean": 0.5}) + "\n")
+    written = metrics.read_bytes()
+
+    def build(accelerator: Accelerator) -> Trainer:
+        cfg = tiny_config(tmp_path, iterations=4)
+        cfg.reward.rewards = [RewardSpec(name="meanpixel")]
+        return Trainer(cfg, tiny_model(), RewardSet(cfg.reward), run, accelerator=accelerator, resume=run)
+
+    build(SecondRank(cpu=True))
+    assert metrics.read_bytes() == written
+    build(Accelerator(cpu=True))
+    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [1, 2]

@@ -173,10 +173,12 @@ class Trainer:
         self.iteration = 0
         if resume is not None:
             self._restore(resume)
-        self.log = RunLog(
-            run_dir,
-            resume_iteration=self.iteration if resume is not None else None,
-            tensorboard=acc.is_main_process,
+        # Only the main process owns the run's files: a second rank truncating the logs on resume
+        # would race with the first one's atomic rewrite.
+        self.log = (
+            RunLog(run_dir, resume_iteration=self.iteration if resume is not None else None)
+            if acc.is_main_process
+            else None
         )
 
     # -- the run -----------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class Trainer:
             while self.iteration < cfg.iterations:
                 result = await self.run_iteration()
                 self.iteration += 1
-                if self.accelerator.is_main_process:
+                if self.log is not None:
                     self.log.log(self.iteration, result.metrics)
                     self.log.log_samples(self.iteration, result.samples)
                     if cfg.plot_every and self.iteration % cfg.plot_every == 0:
@@ -208,7 +210,8 @@ class Trainer:
                 )
         finally:
             bar.close()
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
 
     async def run_iteration(self) -> IterationResult:
         """One iteration of Algorithm 1, step by step."""
