@@ -92,11 +92,13 @@ class PretrainConfig:
     caption_dropout: float = 0.0
     """Probability of replacing a caption by the empty prompt (SD3 drops captions for classifier-free
     guidance; here it is only a knob to weaken the prior)."""
-    encoder_dropout: float = 0.0
+    encoder_dropout: float = 0.15
     """Probability, drawn independently for each text encoder, of replacing that encoder's caption by the
     empty prompt. SD3 trains with an independent 46.3 % dropout per text encoder (Esser et al., 2024, §5.3),
     which is why each encoder alone conditions SD3.5-M — and why E2PO can steer it through CLIP-L only.
-    0 draws nothing, so runs without it keep their random streams."""
+    The shipped prior uses 0.15: at 0.463 the prior, sampled without guidance as RL rollouts are, followed
+    prompts worse than without dropout (docs/shapes.md). 0 draws nothing, so runs without it keep the
+    random streams of the first prior's recipe."""
     tag_weight_exponent: float = 0.5
     """A caption is drawn by picking tag t with probability ∝ n_t ** exponent (n_t: its train prompts), then
     one of its prompts uniformly. 1 samples the train prompts uniformly (92 % color_attr), 0 the tags
@@ -440,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--encoder-dropout",
         type=float,
         default=defaults.encoder_dropout,
-        help="per text encoder, independent (SD3: 0.463)",
+        help="per text encoder, independent (SD3: 0.463; the shipped prior: 0.15)",
     )
     parser.add_argument("--tag-weight-exponent", type=float, default=defaults.tag_weight_exponent)
     parser.add_argument("--t-sampling", choices=("logit_normal", "uniform"), default=defaults.t_sampling)
