@@ -12,6 +12,7 @@ import pytest
 from trainer.results import (
     bootstrap_interval,
     collapse_onset,
+    differences_table,
     held_out,
     paired_differences,
     ties_across_conditions,
@@ -89,3 +90,29 @@ def test_collapse_onset_is_the_first_smoothed_crossing():
     # three-iteration mean (0.3 + 0.3 + 0.4) / 3 reaches 0.3.
     assert collapse_onset(run([0.0, 0.6, 0.0, 0.0, 0.3, 0.3, 0.4])) == 6
     assert collapse_onset(run([0.1] * 10)) is None
+
+
+def test_onset_differences_use_only_the_seeds_where_both_arms_collapse():
+    from trainer.studies import Arm, Study
+
+    def run(seed, ratios):
+        metrics = [
+            {"iteration": i + 1, "zero_std_ratio": r, "reward_mean": 0.5} for i, r in enumerate(ratios)
+        ]
+        return {"seed": seed, "metrics": metrics, "eval": {}}
+
+    late, early, never = [0.0] * 7 + [0.4] * 3, [0.0, 0.0] + [0.4] * 8, [0.0] * 10
+    # onsets: late 9, early 4 (the first iterations whose three-iteration mean reaches 0.3)
+    a = [run(0, late), run(1, late), run(2, never)]
+    b = [run(0, early), run(1, late), run(2, early)]
+    study = Study(
+        name="t",
+        preset="shapes",
+        iterations=10,
+        arms=(Arm("a", "A"), Arm("b", "B")),
+        seeds=3,
+        comparisons=(("a", "b"),),
+    )
+    row = next(r for r in differences_table(study, {"a": a, "b": b}).splitlines() if "onset" in r)
+    # seeds 0 and 1 give differences 9 - 4 and 9 - 9; seed 2 has no onset in arm a and is left out
+    assert row.endswith("| +2.5 [+0.0, +5.0] (n=2) |")

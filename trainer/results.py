@@ -143,13 +143,24 @@ def held_out(run: Run, tag: str | None = None) -> float:
     return float(run["eval"].get("geneval/per_tag", {}).get(tag, np.nan))
 
 
-MEASURES: tuple[tuple[str, Callable[[Run], float]], ...] = (
-    ("held-out GenEval overall", held_out),
-    *((f"held-out {tag}", lambda run, tag=tag: held_out(run, tag)) for tag in GENEVAL_TAGS),
-    ("training reward (last 5 it.)", lambda run: tail_mean(run, "reward_mean")),
-    ("zero-std ratio (last 5 it.)", lambda run: tail_mean(run, "zero_std_ratio")),
-    ("pixel diversity", lambda run: float(run["eval"].get("diversity/pixel_rms", np.nan))),
-    ("layout diversity", lambda run: float(run["eval"].get("diversity/layout", np.nan))),
+def onset(run: Run) -> float:
+    """The run's collapse onset as a number for paired differences; NaN when it never collapsed, so a
+    difference exists only for the seeds where both arms collapse."""
+    iteration = collapse_onset(run)
+    return float("nan") if iteration is None else float(iteration)
+
+
+Measure = tuple[str, Callable[[Run], float], int]
+"""(row name, the per-run value, decimals shown)."""
+
+MEASURES: tuple[Measure, ...] = (
+    ("held-out GenEval overall", held_out, 3),
+    *((f"held-out {tag}", lambda run, tag=tag: held_out(run, tag), 3) for tag in GENEVAL_TAGS),
+    ("training reward (last 5 it.)", lambda run: tail_mean(run, "reward_mean"), 3),
+    ("zero-std ratio (last 5 it.)", lambda run: tail_mean(run, "zero_std_ratio"), 3),
+    ("collapse onset iteration (seeds where both collapse)", onset, 1),
+    ("pixel diversity", lambda run: float(run["eval"].get("diversity/pixel_rms", np.nan)), 3),
+    ("layout diversity", lambda run: float(run["eval"].get("diversity/layout", np.nan)), 3),
 )
 
 
@@ -214,12 +225,14 @@ def training_table(groups: dict[str, tuple[str, list[Run]]]) -> str:
 def differences_table(study: Study, loaded: dict[str, list[Run]]) -> str:
     lines = ["| measure | " + " | ".join(f"{a} − {b}" for a, b in study.comparisons) + " |"]
     lines.append("|" + " --- |" * (len(study.comparisons) + 1))
-    for name, measure in MEASURES:
+    for name, measure, digits in MEASURES:
         cells = []
         for arm, against in study.comparisons:
-            diffs = paired_differences(loaded[arm], loaded[against], measure)
-            mean, low, high = bootstrap_interval([d for d in diffs if d == d])
-            cells.append("–" if mean != mean else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={len(diffs)})")
+            # n counts the seeds with a difference (both arms measured: for the onset, both collapsed).
+            diffs = [d for d in paired_differences(loaded[arm], loaded[against], measure) if d == d]
+            mean, low, high = bootstrap_interval(diffs)
+            f = f"+.{digits}f"
+            cells.append("–" if not diffs else f"{mean:{f}} [{low:{f}}, {high:{f}}] (n={len(diffs)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
