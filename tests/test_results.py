@@ -17,6 +17,7 @@ from trainer.results import (
     paired_differences,
     ties_across_conditions,
 )
+from trainer.studies import Arm, Study
 
 
 def write_rewards(path: Path, rows: list[tuple[int, str, int, int, float]]) -> Path:
@@ -93,8 +94,6 @@ def test_collapse_onset_is_the_first_smoothed_crossing():
 
 
 def test_onset_differences_use_only_the_seeds_where_both_arms_collapse():
-    from trainer.studies import Arm, Study
-
     def run(seed, ratios):
         metrics = [
             {"iteration": i + 1, "zero_std_ratio": r, "reward_mean": 0.5} for i, r in enumerate(ratios)
