@@ -144,9 +144,16 @@ def _sample_bytes(value: int) -> bytes:
 async def _stalled_stream(
     channel: grpc.aio.Channel, name: str, first_part: bytes
 ) -> grpc.aio.StreamUnaryCall:
-    """A ScoreStream that sends one part and then nothing (its request iterator never ends)."""
+    """A ScoreStream that sends one part and then nothing (its request iterator never ends).
+
+    A server that refuses the call on opening it may answer before or during the write; grpc then fails
+    the write (InvalidStateError, or INTERNAL), and the call itself, awaited, raises the server's status."""
     call = channel.stream_unary(SCORE_STREAM_METHOD)(metadata=(("x-e2po-client", name),), timeout=30)
-    await call.write(first_part)
+    try:
+        await call.write(first_part)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        if not call.done():
+            raise
     return call
 
 
@@ -211,6 +218,28 @@ def test_a_refused_body_is_freed_when_its_call_ends_not_at_some_later_collection
         tracemalloc.stop()
         gc.enable()
     assert grown < 5_000_000, f"{grown / 1e6:.0f} MB of Python objects left after the call"
+
+
+def test_a_refused_stream_does_not_free_a_slot_of_the_streams_it_was_refused_for() -> None:
+    """Refusals must not count down the client's open streams, or every refusal would let one more in."""
+
+    async def main() -> None:
+        config = ServerConfig(port=0, intake=IntakeLimits(max_streams_per_client=2))
+        async with running_server(MeanPixelScorer(), config) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                held = [await _stalled_stream(channel, "greedy", _sample_bytes(1)) for _ in range(2)]
+                await asyncio.sleep(0.2)
+                for _ in range(3):
+                    refused = await _stalled_stream(channel, "greedy", _sample_bytes(1))
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await refused
+                    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await asyncio.sleep(0.1)  # the refused call's handler has finished
+                    assert list(server.servicer._open_streams.values()) == [2]
+                for call in held:
+                    call.cancel()
+
+    run(main())
 
 
 def test_streams_per_client_are_bounded_and_other_clients_are_not() -> None:

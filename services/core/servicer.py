@@ -175,6 +175,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         num_samples = 0
         held = Reservation(self.body_budget, self.limits.max_request_bytes)
         fairness_key: str | None = None
+        stream_open = False  # whether this call holds one of its client's stream slots
         try:
             principal = self._principal(context)
             client_label = principal.name if principal else "anonymous"
@@ -182,6 +183,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             fairness_key = client_label if principal else (_declared_client(context) or context.peer())
             if stream:
                 self._open_stream(fairness_key)
+                stream_open = True
             request = await read(held)
             num_samples = len(request.samples)
             scorer, batcher = self._ready()
@@ -210,7 +212,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         finally:
             request = None  # this frame outlives the call when an abort leaves it in a cycle
             held.release()
-            if stream and fairness_key is not None:
+            if stream_open:  # a refused stream never held a slot, so it must not free one
                 self._close_stream(fairness_key)
             self.metrics.request_done(client_label, code.name, num_samples, time.perf_counter() - started)
 
