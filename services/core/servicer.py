@@ -175,7 +175,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         num_samples = 0
         held = Reservation(self.body_budget, self.limits.max_request_bytes)
         fairness_key: str | None = None
-        stream_open = False  # whether this call holds one of its client's stream slots
+        stream_slot: str | None = None  # the client whose stream slot this call holds, once taken
         try:
             principal = self._principal(context)
             client_label = principal.name if principal else "anonymous"
@@ -183,7 +183,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             fairness_key = client_label if principal else (_declared_client(context) or context.peer())
             if stream:
                 self._open_stream(fairness_key)
-                stream_open = True
+                stream_slot = fairness_key
             request = await read(held)
             num_samples = len(request.samples)
             scorer, batcher = self._ready()
@@ -212,8 +212,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         finally:
             request = None  # this frame outlives the call when an abort leaves it in a cycle
             held.release()
-            if stream_open:  # a refused stream never held a slot, so it must not free one
-                self._close_stream(fairness_key)
+            if stream_slot is not None:  # a refused stream never held a slot, so it must not free one
+                self._close_stream(stream_slot)
             self.metrics.request_done(client_label, code.name, num_samples, time.perf_counter() - started)
 
     def _open_stream(self, client: str) -> None:
